@@ -1,0 +1,39 @@
+"""Feature distillation from the teacher's fused pyramid to the low-resolution student (MSAD Sec. 3.4).
+
+L_KD = w(t) * alpha * T * sum_l mean |S_l - F_l|, with the student's P2..P6 as S, the fused teacher
+pyramid as F, alpha = 0.2, T = 3 and w(t) = min(1, t / warmup) a linear warm-up over 500 iterations,
+as the released code runs it. The mean is over all B x C x h x w elements of a level.
+"""
+import torch
+import torch.nn.functional as F
+
+DISTANCES = {
+    "l1": lambda s, t: F.l1_loss(s, t),  # the paper's and the released code's choice
+    "l2": lambda s, t: F.mse_loss(s, t),
+}
+
+
+def warmup_factor(iteration: int, warmup_iters: int = 500) -> float:
+    """w(t) = min(1, t / warmup_iters); 1 when there is no warm-up."""
+    return 1.0 if warmup_iters <= 0 else min(1.0, iteration / warmup_iters)
+
+
+class FeatureDistillation:
+    """Holds no parameters: callable(student_feats, teacher_feats, iteration) -> dict of per-level terms."""
+
+    def __init__(self, weight: float = 0.2 * 3, warmup_iters: int = 500, distance: str = "l1"):
+        if distance not in DISTANCES:
+            raise ValueError(f"--kd-loss must be one of {sorted(DISTANCES)}, got {distance!r}")
+        self.weight, self.warmup_iters, self.distance = weight, warmup_iters, DISTANCES[distance]
+
+    def __call__(self, student_feats, teacher_feats, iteration: int):
+        if len(student_feats) != len(teacher_feats):
+            raise ValueError(f"student has {len(student_feats)} levels, teacher {len(teacher_feats)}")
+        w = self.weight * warmup_factor(iteration, self.warmup_iters)
+        losses = {}
+        for i, (s, t) in enumerate(zip(student_feats, teacher_feats)):
+            if s.shape != t.shape:
+                raise ValueError(f"distillation level {i}: student P{i + 2} {tuple(s.shape)} != teacher fused "
+                                 f"level {i} {tuple(t.shape)}")
+            losses[f"loss_kd_p{i + 2}"] = w * self.distance(s.float(), t.float())
+        return losses

@@ -1,0 +1,27 @@
+"""Crossing feature-level fusion, C-FF (MSAD Sec. 3.3).
+
+For each aligned pair (P^H, P^L) of B x C x h x w maps: concatenate on channels, global-average-pool,
+Linear(2C -> C/8, no bias), ReLU, Linear(-> 2, no bias), softmax -> (a_H, a_L) per image and level;
+F = a_H * P^H + a_L * P^L. One module (one set of weights) serves all five level positions.
+"""
+import torch
+from torch import nn
+
+
+class CrossFeatureFusion(nn.Module):
+    def __init__(self, channels: int = 256, reduction: int = 8):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(2 * channels, channels // reduction, bias=False), nn.ReLU(),
+                                  nn.Linear(channels // reduction, 2, bias=False))  # released code: 512 -> 32 -> 2
+
+    def weights(self, hr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """Fusion weights (a_H, a_L) for one level: B x 2, each row summing to 1 (per image, not per batch)."""
+        pooled = torch.cat([hr, lr], dim=1).mean(dim=(2, 3))  # B x 2C
+        return self.gate(pooled).softmax(dim=1)  # B x 2
+
+    def forward(self, hr_feats, lr_feats):
+        fused = []
+        for hr, lr in zip(hr_feats, lr_feats):
+            a = self.weights(hr, lr)[:, :, None, None, None]  # B x 2 x 1 x 1 x 1
+            fused.append(a[:, 0] * hr + a[:, 1] * lr)  # B x C x h x w
+        return fused

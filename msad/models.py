@@ -1,0 +1,223 @@
+"""Assembly only: the FCOS detector, the MSAD multi-scale teacher and the low-resolution student.
+
+Every model is backbone + FPN + one shared FCOS head; what differs is which pyramid levels a branch
+reads (align.branch_levels) and whether the input is halved first (align.make_low_res). All targets and
+decoded boxes live in the HR frame, so one assignment serves every branch (MSAD Sec. 3.1-3.2).
+"""
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from . import align
+from .backbone import ResNetTrunk, load_imagenet_weights
+from .data import normalize
+from .fcos_head import FCOSHead, decode, make_points
+from .fcos_loss import assign_targets, fcos_losses, level_ranges
+from .fpn import FPN
+from .fusion import CrossFeatureFusion
+
+BRANCHES = {"fcos": ("hr",), "student": ("lr",), "teacher": ("fused", "hr", "lr")}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and inference settings; saved in every checkpoint so evaluation rebuilds the same model."""
+    backbone: str = "resnet50"
+    width: float = 1.0
+    norm: str = "frozen_bn"
+    freeze_at: int = 2
+    fpn_channels: int = 256
+    head_convs: int = 4
+    num_classes: int = 80
+    p6_from: str = "c5"
+    lr_mode: str = "nearest"
+    fusion: bool = True
+    fused_weight: float = 0.4
+    score_thresh: float = 0.05
+    pre_nms_top_n: int = 1000
+    nms_thresh: float = 0.6
+    max_dets: int = 100
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def depth(self) -> int:
+        if not self.backbone.startswith("resnet") or not self.backbone[6:].isdigit():
+            raise ValueError(f"--backbone must look like resnet50, got {self.backbone!r}")
+        return int(self.backbone[6:])
+
+
+class FCOS(nn.Module):
+    """FCOS on one pyramid. `input_scale=1` is the usual detector on P3..P7; `input_scale=0.5` halves the
+    padded HR batch and reads P2..P6 (the aligned LR branch / MSAD student, Sec. 3.1 and 3.4)."""
+
+    def __init__(self, cfg: ModelConfig, input_scale: float = 1.0, fpn_levels=None):
+        super().__init__()
+        self.cfg, self.input_scale = cfg, input_scale
+        self.levels = align.branch_levels(input_scale)
+        self.backbone = ResNetTrunk(cfg.depth, cfg.norm, cfg.width, cfg.freeze_at)
+        self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, fpn_levels or self.levels, cfg.p6_from)
+        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, cfg.head_convs, len(align.HR_LEVELS))
+
+    # -- pieces shared by every branch -------------------------------------------------------------
+    def pyramid(self, x: torch.Tensor, levels) -> list:
+        return self.fpn(self.backbone(x), levels)
+
+    def low_res(self, x: torch.Tensor) -> torch.Tensor:
+        return align.make_low_res(x, self.cfg.lr_mode)
+
+    def branch_features(self, x: torch.Tensor) -> list:
+        """This detector's pyramid on a normalised HR batch (halved first when input_scale is 0.5)."""
+        return self.pyramid(self.low_res(x) if self.input_scale != 1.0 else x, self.levels)
+
+    def geometry(self, feats):
+        """HR-frame location grid of a pyramid: points [L, 2], strides [L], ranges [L, 2], shapes."""
+        shapes = [tuple(f.shape[-2:]) for f in feats]
+        points, strides = make_points(shapes, align.hr_strides(), feats[0].device)
+        return points, strides, level_ranges(shapes, device=feats[0].device), shapes
+
+    def targets(self, batch, geometry):
+        points, strides, ranges, _ = geometry
+        return assign_targets(points, strides, ranges, [t["boxes"] for t in batch.targets],
+                              [t["labels"] for t in batch.targets])
+
+    def detect(self, head_out, geometry, batch):
+        points, strides, _, shapes = geometry
+        c = self.cfg
+        return decode(*head_out, points, strides, shapes, batch.image_sizes, batch.orig_sizes,
+                      c.score_thresh, c.pre_nms_top_n, c.nms_thresh, c.max_dets)
+
+    # -- the single-pyramid detector ---------------------------------------------------------------
+    def forward(self, batch, return_features: bool = False):
+        """Training: dict of losses (and the pyramid if asked, for distillation). Eval: detections per image."""
+        feats = self.branch_features(normalize(batch.images))
+        geometry = self.geometry(feats)
+        head_out = self.head(feats)
+        if not self.training:
+            return self.detect(head_out, geometry, batch)
+        losses = fcos_losses(*head_out, self.targets(batch, geometry))
+        return (losses, feats) if return_features else losses
+
+
+class MultiScaleTeacher(FCOS):
+    """The MSAD teacher (Sec. 3.2-3.3): one backbone+FPN+head shared by an HR branch on P3..P7, an LR branch
+    on P2..P6 of the half-size image, and their C-FF fusion. L_T = L_HR + L_LR + 0.4 L_fused."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, 1.0, fpn_levels=range(2, 8))
+        self.fusion = CrossFeatureFusion(cfg.fpn_channels) if cfg.fusion else None
+        self.branch = "fused" if cfg.fusion else "hr"  # which branch inference returns
+
+    def pyramids(self, x: torch.Tensor):
+        """HR P3..P7, LR P2..P6 and (with C-FF) the fused pyramid, all of the HR P3..P7 shapes."""
+        hr = self.pyramid(x, align.branch_levels(1.0))
+        lr = self.pyramid(self.low_res(x), align.branch_levels(0.5))
+        align.check_aligned(hr, lr)
+        fused = self.fusion(hr, lr) if self.fusion is not None else None
+        return hr, lr, fused
+
+    @torch.no_grad()
+    def distillation_targets(self, batch) -> list:
+        """The features a student imitates: the fused pyramid (the HR pyramid for a teacher without C-FF)."""
+        hr, _, fused = self.pyramids(normalize(batch.images))
+        return fused if fused is not None else hr
+
+    def forward(self, batch):
+        x = normalize(batch.images)
+        if not self.training and self.branch != "fused":  # one branch alone: run only that pyramid
+            feats = self.pyramid(self.low_res(x), align.branch_levels(0.5)) if self.branch == "lr" \
+                else self.pyramid(x, align.branch_levels(1.0))
+            geometry = self.geometry(feats)
+            return self.detect(self.head(feats), geometry, batch)
+        hr, lr, fused = self.pyramids(x)
+        geometry = self.geometry(hr)
+        if not self.training:
+            return self.detect(self.head(fused), geometry, batch)
+        branches = {"hr_": hr, "lr_": lr} | ({"fused_": fused} if fused is not None else {})
+        # All branches have the same shapes, so the shared head runs once on their concatenation along the
+        # batch (GroupNorm is per sample, so this equals three separate calls, with fewer kernel launches).
+        B = x.shape[0]
+        outs = self.head([torch.cat(level) for level in zip(*branches.values())])  # each: (nB) x L x ...
+        targets = self.targets(batch, geometry)  # computed once, reused by every branch
+        losses = {}
+        for k, prefix in enumerate(branches):
+            part = [o[k * B:(k + 1) * B] for o in outs]
+            weight = self.cfg.fused_weight if prefix == "fused_" else 1.0
+            losses |= {n: weight * v for n, v in fcos_losses(*part, targets, prefix).items()}
+        return losses
+
+
+class DistilledStudent(nn.Module):
+    """Training wrapper of the student (Sec. 3.4): FCOS losses on the LR image + feature distillation
+    towards the frozen teacher's fused pyramid, which the caller computes outside DDP under no_grad."""
+
+    def __init__(self, student: FCOS, distill):
+        super().__init__()
+        self.student, self.distill = student, distill
+
+    def forward(self, batch, teacher_feats=None, iteration: int = 0):
+        losses, feats = self.student(batch, return_features=True)
+        if teacher_feats is not None:
+            losses |= self.distill(feats, teacher_feats, iteration)
+        return losses
+
+
+def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
+    """fcos: FCOS on P3..P7; teacher: MultiScaleTeacher; student: FCOS on P2..P6 of the half-size image."""
+    if kind == "fcos":
+        return FCOS(cfg, 1.0)
+    if kind == "teacher":
+        return MultiScaleTeacher(cfg)
+    if kind == "student":
+        return FCOS(cfg, 0.5)
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(BRANCHES)}")
+
+
+def init_backbone(model: nn.Module, weights_path: str | None) -> None:
+    if weights_path:
+        load_imagenet_weights(model.backbone, weights_path)
+
+
+def load_partial(model: nn.Module, state: dict, source: str, prefixes=("backbone.", "fpn.", "head.")) -> None:
+    """Copy `state` into every parameter/buffer of `model` under `prefixes` (teacher -> student init, Sec. 3.4).
+
+    Every such tensor of the model must exist in `state` with the same shape; extra source keys (the teacher's
+    P7 conv, its fusion module) are ignored. Mismatches are one clear error listing the keys.
+    """
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    missing = sorted(k for k in own if k not in state)
+    shape = sorted(f"{k} {tuple(own[k].shape)} vs {tuple(state[k].shape)}" for k in own
+                   if k in state and own[k].shape != state[k].shape)
+    if missing or shape:
+        parts = [f"{name}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                 for name, keys in (("missing", missing), ("shape mismatch", shape)) if keys]
+        raise ValueError(f"{source} does not match the student architecture ({'; '.join(parts)}); "
+                         f"use --init imagenet or --init scratch for a different backbone")
+    model.load_state_dict({k: state[k] for k in own}, strict=False)
+
+
+def model_from_checkpoint(ckpt: dict, path: str, branch: str | None = None) -> nn.Module:
+    """Rebuild a model from a checkpoint dict and select its inference branch."""
+    kind = ckpt.get("kind")
+    if kind not in BRANCHES:
+        raise ValueError(f"{path}: unknown checkpoint kind {kind!r}")
+    cfg = ModelConfig.from_dict(ckpt["args"])
+    if cfg.norm == "syncbn":
+        cfg.norm = "bn"  # inference needs no cross-process statistics
+    model = build_model(kind, cfg)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit a {kind} model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    allowed = BRANCHES[kind] if kind != "teacher" or cfg.fusion else ("hr", "lr")
+    if branch is not None and branch not in allowed:
+        raise ValueError(f"--branch {branch}: a {kind} checkpoint{'' if cfg.fusion else ' without C-FF'} "
+                         f"has branches {', '.join(allowed)}")
+    if kind == "teacher":
+        model.branch = branch or allowed[0]
+    return model
