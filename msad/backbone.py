@@ -21,7 +21,7 @@ def gn_groups(channels: int) -> int:
 
 
 def norm_layer(norm: str):
-    """Norm constructor by name. SyncBN is plain BN here; `convert_sync_bn` swaps it once DDP is up."""
+    """Norm constructor by name. SyncBN is plain BN here; runner.prepare_model converts it under DDP."""
     if norm == "frozen_bn":  # the COCO default: ImageNet statistics, no trainable affine
         return FrozenBatchNorm2d
     if norm in ("bn", "syncbn"):
@@ -102,9 +102,4 @@ def load_imagenet_weights(trunk: ResNetTrunk, path: str) -> None:
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)) if keys]
         raise ValueError(f"--backbone-weights {path} does not fit this backbone ({'; '.join(parts)})")
     trunk.load_state_dict(state, strict=False)
-
-
-def convert_sync_bn(model: nn.Module) -> nn.Module:
-    """--norm syncbn under DDP: BatchNorm statistics over the global batch."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 

@@ -1,0 +1,137 @@
+"""Command-line plumbing shared by train_teacher.py, train_student.py and evaluate.py.
+
+Presets hold whole recipes (the paper's COCO R50 recipe, the CPU demo); every flag left unset takes the
+preset's value, and any flag given on the command line wins. Nothing here is special-cased per preset.
+"""
+import argparse
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from .align import HR_PAD
+from .models import ModelConfig
+
+COCO_SIZES = tuple(range(640, 801, 32))  # method.md Sec. 3: short side drawn from {640, 672, ..., 800}
+PRESETS = {
+    # The paper's COCO recipe (method.md Sec. 6): R50, frozen BN, FPN 256, 4-conv GN towers.
+    "coco": {
+        "common": dict(data_root="data/coco", backbone="resnet50", width=1.0, norm="frozen_bn", freeze_at=2,
+                       fpn_channels=256, head_convs=4, train_sizes=COCO_SIZES, max_size=1333, test_size=800,
+                       backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5", lr_mode="nearest", checkpoint_period=5000,
+                       eval_batch_size=8),
+        # Released MSAD teachers: batch 8, lr 0.01, 180k iterations, steps at 120k and 160k.
+        "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
+        # Students (and the 1x FCOS baselines): batch 16, lr 0.01, 90k iterations, steps at 60k and 80k.
+        "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000)),
+    },
+    # The built-in demo: a narrow ResNet-18 with GroupNorm trained from scratch on data/synthetic, on CPU.
+    "demo": {
+        "common": dict(data_root="data/synthetic", backbone="resnet18", width=0.5, norm="gn", freeze_at=0,
+                       fpn_channels=64, head_convs=2, train_sizes=(224, 240, 256), max_size=400, test_size=256,
+                       backbone_weights=None, warmup_iters=100, p6_from="c5", lr_mode="nearest", checkpoint_period=200, eval_batch_size=16),
+        "teacher": dict(batch_size=8, lr=0.02, iters=600, steps=(450, 550)),
+        "student": dict(batch_size=8, lr=0.02, iters=600, steps=(450, 550)),
+    },
+}
+_PRESET_STAGE = {"teacher": "teacher", "student": "student", "fcos": "student"}
+
+
+def ints(text: str):
+    return tuple(int(v) for v in text.replace(",", " ").split())
+
+
+def add_data_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("data (COCO layout: annotations/instances_{train,val}2017.json, train2017/, val2017/)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="recipe the unset flags come from")
+    g.add_argument("--data-root", help="dataset root; the demo preset generates data/synthetic on first use")
+    g.add_argument("--train-ann", help="override: training annotation json")
+    g.add_argument("--train-images", help="override: training image folder")
+    g.add_argument("--val-ann", help="override: validation annotation json")
+    g.add_argument("--val-images", help="override: validation image folder")
+    g.add_argument("--test-size", type=int, help="HR short side at test time (LR branch / student get half)")
+    g.add_argument("--max-size", type=int, help="longest side after resizing (HR)")
+    g.add_argument("--workers", type=int, default=2, help="data loader worker processes per process")
+    g.add_argument("--eval-batch-size", type=int, help="images per process at evaluation")
+    g.add_argument("--max-images", type=int, help="evaluate only the first N validation images (quick checks)")
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", help="resnet18 | resnet34 | resnet50 | resnet101")
+    g.add_argument("--width", type=float, help="channel width multiplier of the ResNet (slimmable widths)")
+    g.add_argument("--norm", choices=("frozen_bn", "bn", "syncbn", "gn"), help="backbone normalisation")
+    g.add_argument("--freeze-at", type=int, help="0: train all; 1: freeze stem; 2: stem + res2")
+    g.add_argument("--backbone-weights", help="local torchvision ResNet state_dict (ImageNet); 'none' to skip")
+    g.add_argument("--fpn-channels", type=int, help="FPN and head width (256 on COCO)")
+    g.add_argument("--head-convs", type=int, help="convs per head tower (4 on COCO)")
+    g.add_argument("--p6-from", choices=("c5", "p5"), help="P6 source: c5 (released MSAD, default) or p5 (FCOS)")
+    g.add_argument("--lr-mode", choices=("nearest", "antialias"),
+                   help="how the half-size image is made from the padded HR batch (default nearest, as released)")
+
+
+def add_train_args(p: argparse.ArgumentParser, default_output: str):
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--iters", type=int, help="training iterations")
+    g.add_argument("--batch-size", type=int, help="global batch over all processes")
+    g.add_argument("--lr", type=float, help="base learning rate (SGD, momentum 0.9)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (none on norm layers)")
+    g.add_argument("--steps", type=ints, help="iterations at which the lr is multiplied by 0.1, e.g. '60000,80000'")
+    g.add_argument("--warmup-iters", type=int, help="linear warm-up from 0.001 x lr")
+    g.add_argument("--clip-grad", type=float, help="clip the global gradient norm (off by default)")
+    g.add_argument("--train-sizes", type=ints, help="HR short sides drawn per image, e.g. '640,672,704,736,768,800'")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--output-dir", default=default_output, help="checkpoints, log.jsonl, metrics.json")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision on CUDA")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone and FPN")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--checkpoint-period", type=int, help="save a checkpoint every N iterations")
+    g.add_argument("--log-period", type=int, default=20, help="write log.jsonl every N iterations")
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and augmentation")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end of training")
+
+
+def resolve(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """Fill every unset flag from the preset, then check the values that must hold before any work starts."""
+    preset = PRESETS[args.preset]
+    for key, value in {**preset["common"], **preset[_PRESET_STAGE[stage]]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if getattr(args, "backbone_weights", None) in ("none", ""):
+        args.backbone_weights = None
+    for name in ("train_sizes", "test_size"):
+        sizes = getattr(args, name, None)
+        sizes = sizes if isinstance(sizes, tuple) else (sizes,) if sizes is not None else ()
+        if any(s < 32 for s in sizes):
+            raise SystemExit(f"error: --{name.replace('_', '-')} {sizes}: sizes must be at least 32 pixels")
+    return args
+
+
+def model_config(args, num_classes: int) -> ModelConfig:
+    """The architecture from the flags; num_classes is recorded in args so checkpoints carry it."""
+    args.num_classes = num_classes
+    return ModelConfig.from_dict(vars(args))
+
+
+def data_paths(args, split: str):
+    """Annotation json and image folder of a split, from --data-root unless overridden."""
+    ann = getattr(args, f"{split}_ann") or os.path.join(args.data_root, "annotations", f"instances_{split}2017.json")
+    images = getattr(args, f"{split}_images") or os.path.join(args.data_root, f"{split}2017")
+    return ann, images
+
+
+def seed_everything(seed: int, rank: int = 0):
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)  # same initial weights on every rank (DDP also broadcasts them)
+
+
+def print_metrics_line(metrics: dict):
+    """The final machine-readable line of every script."""
+    print(json.dumps(metrics, sort_keys=True), flush=True)
+
+
+SIZE_DIVISIBLE = HR_PAD

@@ -1,0 +1,84 @@
+"""Stage 2 of MSAD: distil the frozen multi-scale teacher into a low-resolution student (paper Sec. 3.4).
+
+The student is FCOS on P2..P6 of the half-size image; its pyramid imitates the teacher's fused pyramid
+with L_KD = 0.2 * 3 * sum_l mean |S_l - F_l| (linear warm-up over 500 iterations), on top of its FCOS loss.
+
+CPU demo (after `python train_teacher.py`):
+    python train_student.py
+COCO on 8 GPUs (students: batch 16, 90k iterations):
+    torchrun --nproc_per_node 8 train_student.py --preset coco --data-root data/coco \
+        --teacher runs/coco_teacher/model_final.pth --amp bf16 --output-dir runs/coco_student
+Ablation without distillation (same student, same schedule):  ... --kd-weight 0
+"""
+import argparse
+
+import torch
+
+from msad import runner
+from msad.cli import add_data_args, add_model_args, add_train_args, model_config, resolve
+from msad.distill import DISTANCES, FeatureDistillation
+from msad.engine import load_checkpoint
+from msad.models import DistilledStudent, ModelConfig, build_model, init_backbone, load_partial
+
+ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "lr_mode")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    add_model_args(p)
+    add_train_args(p, default_output="runs/student")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", default="runs/teacher/model_final.pth", help="teacher checkpoint (kind teacher)")
+    g.add_argument("--kd-weight", type=float, default=0.2 * 3, help="alpha * T (0.2 x 3); 0 trains without KD")
+    g.add_argument("--kd-warmup", type=int, default=500, help="iterations of the linear KD warm-up")
+    g.add_argument("--kd-loss", choices=sorted(DISTANCES), default="l1", help="feature distance")
+    g.add_argument("--init", choices=("teacher", "imagenet", "scratch"), default="teacher",
+                   help="student initialisation: teacher backbone+FPN+head (released code), ImageNet, or random")
+    return p.parse_args(argv)
+
+
+def load_teacher(ckpt: dict, device) -> torch.nn.Module:
+    """The frozen teacher: eval mode, no gradients, outside DDP and outside the student checkpoint."""
+    teacher = build_model("teacher", ModelConfig.from_dict(ckpt["args"]))
+    teacher.load_state_dict(ckpt["model"])
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt = None
+    if args.init == "teacher" or args.kd_weight > 0:
+        ckpt = load_checkpoint(args.teacher, expected_kind="teacher")
+        for key in ARCH_KEYS:  # the student's architecture defaults to the teacher's
+            if getattr(args, key) is None and key in ckpt["args"]:
+                setattr(args, key, ckpt["args"][key])
+    args = resolve(args, "student")
+    info = runner.start(args)
+    train_set = runner.train_dataset(args)
+    student = build_model("student", model_config(args, train_set.num_classes))
+    teacher = None
+    if ckpt is not None:
+        if ckpt["args"]["num_classes"] != train_set.num_classes:
+            raise SystemExit(f"error: {args.teacher} was trained on {ckpt['args']['num_classes']} classes, "
+                             f"the training data has {train_set.num_classes}")
+        teacher = load_teacher(ckpt, info.device)
+        if args.init == "teacher":
+            load_partial(student, ckpt["model"], args.teacher)
+    if args.init == "imagenet":
+        init_backbone(student, args.backbone_weights)
+    student = runner.prepare_model(student, args, info)
+    kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss)
+    trainable = runner.ddp(DistilledStudent(student, kd), info)
+
+    def step(batch, iteration):
+        teacher_feats = teacher.distillation_targets(batch) if args.kd_weight > 0 else None  # no_grad inside
+        return trainable(batch, teacher_feats, iteration)
+
+    result = runner.fit(args, info, "student", student, step, train_set)
+    return runner.finish(args, info, student, result, {"kind": "student", "kd_weight": args.kd_weight})
+
+
+if __name__ == "__main__":
+    main()
