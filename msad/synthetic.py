@@ -154,7 +154,7 @@ def _render_to_file(job) -> tuple:
 # writing the dataset
 # ----------------------------------------------------------------------------------------------------
 def _params(num_train, num_val, seed, image_size) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "num_train": int(num_train), "num_val": int(num_val),
+    return {"generator": "msad.synthetic", "generator_version": GENERATOR_VERSION, "num_train": int(num_train), "num_val": int(num_val),
             "seed": int(seed), "image_size": [int(x) for x in image_size], "min_object": MIN_OBJECT,
             "objects_per_image": list(OBJECTS_PER_IMAGE), "max_hidden": MAX_HIDDEN}
 
@@ -167,6 +167,19 @@ def is_current(root, params: dict) -> bool:
     except (OSError, ValueError):
         return False
     return meta == params and all((root / "annotations" / f"instances_{s}2017.json").is_file() for s in SPLITS)
+
+
+def _check_replaceable(root: Path) -> None:
+    """Only an earlier synthetic dataset (or an empty folder) may be replaced: never delete other data."""
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return
+    try:
+        ours = "generator_version" in json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{root} exists and is not a synthetic dataset (no msad meta.json); "
+                              "refusing to overwrite it: choose another --data-root")
 
 
 def _write_split(out: Path, split: str, count: int, params: dict, pool) -> None:
@@ -216,6 +229,7 @@ def ensure_synthetic(root="data/synthetic", num_train: int = 1000, num_val: int 
     with _lock(root):
         if is_current(root, params):  # another process generated it while we waited
             return str(root)
+        _check_replaceable(root)
         for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by an interrupted run
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
@@ -227,7 +241,7 @@ def ensure_synthetic(root="data/synthetic", num_train: int = 1000, num_val: int 
             for split, count in (("train", num_train), ("val", num_val)):
                 _write_split(tmp, split, count, params, pool)
             (tmp / "meta.json").write_text(json.dumps(params, indent=1))
-            if root.exists():  # an old dataset: move it aside atomically, then delete it
+            if root.exists():  # an old synthetic dataset: move it aside atomically, then delete it
                 old = tmp.with_name(tmp.name + "-old")
                 os.rename(root, old)
                 shutil.rmtree(old)

@@ -193,6 +193,9 @@ def test_loaders(coco):
     assert all(isinstance(b, ImageBatch) and b.images.shape[-1] % 128 == 0 for b in batches)
     resumed = next(iter(build_train_loader(ds, 2, rank=0, world_size=1, seed=0, workers=0, start_iter=3)))
     assert resumed.image_ids == batches[3].image_ids and torch.equal(resumed.images, batches[3].images)
+    it = iter(build_train_loader(ds, 2, rank=0, world_size=1, seed=0, workers=2))
+    in_workers = [next(it) for _ in range(4)]  # augmentation does not depend on which process loads
+    assert all(torch.equal(a.images, b.images) and a.image_ids == b.image_ids for a, b in zip(batches, in_workers))
     ev = eval_set(coco)
     ids = [i for r in range(3) for b in build_eval_loader(ev, 2, r, 3, workers=0) for i in b.image_ids]
     assert sorted(ids) == ev.image_ids

@@ -70,6 +70,15 @@ def test_reused_then_regenerated_when_meta_differs(tmp_path, monkeypatch):
     assert json.loads(after["meta.json"])["num_val"] == 3
 
 
+def test_never_overwrites_other_data(tmp_path):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "instances_train2017.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="not a synthetic dataset"):
+        ensure_synthetic(root, workers=1, **SMALL)
+    assert (root / "annotations" / "instances_train2017.json").read_text() == "{}"
+
+
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     def boom(job):
         if job[2] == 5:
