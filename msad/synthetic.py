@@ -175,7 +175,7 @@ def _check_replaceable(root: Path) -> None:
         return
     try:
         ours = "generator_version" in json.loads((root / "meta.json").read_text())
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, TypeError):  # no meta.json, not JSON, or not an object
         ours = False
     if not ours:
         raise FileExistsError(f"{root} exists and is not a synthetic dataset (no msad meta.json); "
