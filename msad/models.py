@@ -83,9 +83,9 @@ class FCOS(nn.Module):
         return points, strides, level_ranges(shapes, device=feats[0].device), shapes
 
     def targets(self, batch, geometry):
-        points, strides, ranges, _ = geometry
+        points, strides, ranges, shapes = geometry
         return assign_targets(points, strides, ranges, [t["boxes"] for t in batch.targets],
-                              [t["labels"] for t in batch.targets])
+                              [t["labels"] for t in batch.targets], shapes=shapes)
 
     def detect(self, head_out, geometry, batch):
         points, strides, _, shapes = geometry
