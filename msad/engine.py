@@ -1,0 +1,454 @@
+"""Optimizer, LR schedule, the training loop shared by both stages, checkpoints and logging.
+
+The teacher (stage 1, and the vanilla FCOS baselines) and the student (stage 2) differ only in the
+step they run; `train` is the one loop. The recipe is method.md Sec. 6 (SGD, momentum 0.9, weight decay
+1e-4 with none on norm layers, linear warm-up then x0.1 steps).
+
+Robustness contract of `train`:
+  * one small all-reduce per iteration carries every loss term plus a stop flag, so all ranks log the
+    same global means, stop together on a non-finite loss (before the bad step touches the weights) and
+    stop together on SIGTERM / SIGINT (checkpoint saved, clean return);
+  * checkpoints are written atomically (temp file, fsync, rename), so a kill at any moment leaves either
+    the previous checkpoint or the new one, never a torn file;
+  * everything saved loads with torch.load(weights_only=True): plain tensors and Python values only.
+"""
+import functools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import dist
+
+KINDS = ("fcos", "teacher", "student")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT = "checkpoint.pth"
+FINAL = "model_final.pth"
+LOG = "log.jsonl"
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def _is_norm(module: nn.Module) -> bool:
+    # _NormBase covers BatchNorm*, SyncBatchNorm and InstanceNorm*; FrozenBatchNorm has buffers only.
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+                    weight_decay_norm: float = 0.0, weight_decay_bias: float | None = None) -> torch.optim.SGD:
+    """SGD with one param group per weight-decay value.
+
+    Parameters of normalisation layers get `weight_decay_norm` (their bias included: norm wins over bias),
+    other biases `weight_decay_bias` (default: `weight_decay`), everything else `weight_decay`.
+    Frozen parameters (requires_grad False) are left out; a parameter shared by two modules appears once.
+    """
+    if weight_decay_bias is None:
+        weight_decay_bias = weight_decay
+    groups: dict[float, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if _is_norm(module):
+                wd = weight_decay_norm
+            elif name == "bias":
+                wd = weight_decay_bias
+            else:
+                wd = weight_decay
+            groups.setdefault(wd, []).append(p)
+    param_groups = [{"params": ps, "weight_decay": wd} for wd, ps in groups.items()]
+    return torch.optim.SGD(param_groups, lr=lr, momentum=momentum)
+
+
+def lr_factor(it: int, warmup_iters: int = 500, warmup_factor: float = 0.001,
+              steps=(60000, 80000), gamma: float = 0.1) -> float:
+    """LR multiplier at iteration `it` (detectron2's WarmupMultiStepLR with linear warm-up).
+
+    Linear from `warmup_factor` at it=0 to 1 at it=warmup_iters, times gamma for every step <= it.
+    """
+    warmup = 1.0
+    if it < warmup_iters:
+        alpha = it / warmup_iters
+        warmup = warmup_factor * (1 - alpha) + alpha
+    return warmup * gamma ** bisect_right(sorted(steps), it)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_iters: int = 500, warmup_factor: float = 0.001,
+                    steps=(60000, 80000), gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration LambdaLR over `lr_factor`; the lr used at iteration `it` is base_lr * lr_factor(it)."""
+    # A partial (not a lambda) so the scheduler's state_dict stays plain: LambdaLR saves the callable's
+    # __dict__, which is empty for a partial.
+    fn = functools.partial(lr_factor, warmup_iters=warmup_iters, warmup_factor=warmup_factor,
+                           steps=tuple(steps), gamma=gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+# ----------------------------------------------------------------------------- config
+
+def _check_plain(value, where: str) -> None:
+    """Raise TypeError if `value` would make a checkpoint unloadable with weights_only=True."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}; checkpoints hold plain Python values only")
+
+
+@dataclass
+class TrainConfig:
+    """What `train` needs besides the model, optimizer, scheduler, step and data."""
+
+    output_dir: str
+    iters: int
+    kind: str  # "fcos" | "teacher" | "student": stored in checkpoints, checked on resume
+    args: dict  # the script's arguments as plain Python values, stored in checkpoints
+    checkpoint_period: int = 5000
+    log_period: int = 20
+    clip_grad: float | None = None  # max global grad norm, None = no clipping
+    amp: str = "none"  # "none" | "bf16" | "fp16" (fp16 adds a GradScaler)
+    resume: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
+        if self.checkpoint_period <= 0 or self.log_period <= 0:
+            raise ValueError("checkpoint_period and log_period must be positive")
+        self.device = torch.device(self.device)
+        # Fail now, not when the first checkpoint of a long run turns out unloadable.
+        _check_plain(self.args, "TrainConfig.args")
+
+
+# ----------------------------------------------------------------------------- atomic files and checkpoints
+
+def _write_atomic(path, write) -> None:
+    """Write through `write(file)` to a hidden temp file beside `path`, fsync it, then rename over `path`.
+
+    os.replace is atomic on POSIX, so readers (and a resume after SIGKILL) see the old file or the
+    new one, never a partial one. On any error the temp file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable (a power loss right after could otherwise lose it).
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save(obj, path), atomically."""
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_json_atomic(obj, path) -> None:
+    """json.dump(obj, path), atomically (metrics.json and friends)."""
+    _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def load_checkpoint(path, expected_kind: str | None = None) -> dict:
+    """Load a checkpoint safely (weights_only=True, on CPU).
+
+    Anything that is not a plain checkpoint dict (a pickle that would run code, a torn or garbage
+    file) raises a one-line ValueError naming the file; so does a `kind` other than `expected_kind`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is not a valid checkpoint (refused by torch.load(weights_only=True): "
+                         f"{reason})") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise ValueError(f"{path} is not a valid checkpoint (expected a dict with a 'kind' field)")
+    if expected_kind is not None and ckpt["kind"] != expected_kind:
+        raise ValueError(f"{path} holds a {ckpt['kind']!r} checkpoint, expected {expected_kind!r}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- RNG state as plain values
+
+def _rng_state(device: torch.device) -> dict:
+    """This process's RNG states as tensors / lists / ints (weights_only-loadable).
+
+    "cuda" holds this process's own GPU only ([state] or None): asking every visible GPU, as
+    get_rng_state_all does, would make each rank touch all the node's GPUs.
+    """
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else None,
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+# ----------------------------------------------------------------------------- signals
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag that the loop folds into its per-iteration all-reduce.
+
+    The flag is only read between iterations, so a signal never interrupts a step or a checkpoint
+    write. A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt, as an escape hatch.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        # signal.signal only works in the main thread; elsewhere the loop simply cannot be signalled.
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn) -> dict:
+    return {
+        "kind": cfg.kind,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "iteration": iteration,  # the next iteration to run
+        "args": cfg.args,
+        **(extra_state_fn() if extra_state_fn is not None else {}),
+    }
+
+
+def _save_checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn) -> None:
+    """Every rank contributes its RNG state (one gather); rank 0 writes; the others wait at a barrier."""
+    rng_per_rank = dist.all_gather_objects(_rng_state(cfg.device))
+    if dist.is_main_process():
+        ckpt = _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn)
+        # "rng" is rank 0's state; each rank restores its own from "rng_per_rank" on resume.
+        ckpt["rng"] = rng_per_rank[0]
+        ckpt["rng_per_rank"] = rng_per_rank
+        save_atomic(ckpt, Path(cfg.output_dir) / CHECKPOINT)
+    dist.barrier()
+
+
+def _save_final(model, iteration, cfg) -> None:
+    if dist.is_main_process():
+        final = {"kind": cfg.kind, "model": model.state_dict(), "args": cfg.args, "iteration": iteration}
+        save_atomic(final, Path(cfg.output_dir) / FINAL)
+    dist.barrier()
+
+
+def _resume(model, optimizer, scheduler, scaler, cfg) -> int:
+    """Restore from OUTPUT_DIR/checkpoint.pth if cfg.resume and it exists; return the iteration to start at."""
+    path = Path(cfg.output_dir) / CHECKPOINT
+    main = dist.is_main_process()
+    if not cfg.resume:
+        return 0
+    if not path.is_file():
+        if main:
+            print(f"resume: no checkpoint at {path}, starting from scratch")
+        return 0
+    ckpt = load_checkpoint(path, expected_kind=cfg.kind)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    rank, per_rank = dist.get_rank(), ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    if rank < len(per_rank):  # a job resumed with more processes keeps the new ranks' own seeds
+        _set_rng_state(per_rank[rank], cfg.device)
+    if main:
+        print(f"resume: loaded {path}, continuing at iteration {ckpt['iteration']} of {cfg.iters}")
+    return int(ckpt["iteration"])
+
+
+class _Logger:
+    """Rank 0's log.jsonl: one flushed JSON line per log period with timings averaged since the last line."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool):
+        self.enabled, self.device = enabled, cfg.device
+        self.path = Path(cfg.output_dir) / LOG
+        self._reset()
+
+    def _reset(self):
+        self.n, self.time, self.data_time = 0, 0.0, 0.0
+
+    def tick(self, iter_time: float, data_time: float) -> None:
+        self.n += 1
+        self.time += iter_time
+        self.data_time += data_time
+
+    def write(self, iteration: int, lr: float, terms: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        mem = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        record = {"iter": iteration, "lr": lr, **terms, "loss": sum(terms.values()),
+                  "time": self.time / max(self.n, 1), "data_time": self.data_time / max(self.n, 1),
+                  "max_mem_mb": mem}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        self._reset()
+
+
+def _global_terms(losses: dict[str, torch.Tensor], stop: bool, device: torch.device) -> tuple[dict, bool]:
+    """All-reduce [each loss term..., stop flag] once and bring it to the host once.
+
+    Returns the global mean of each term and whether any rank asked to stop. A NaN / inf on any rank
+    propagates through the mean, so every rank sees the same non-finite value and stops together.
+    """
+    # torch.full (not torch.tensor) so no host->device copy, hence no sync, before the one below.
+    flag = torch.full((), float(stop), device=device)
+    vec = torch.stack([v.detach().float().reshape(()) for v in losses.values()] + [flag])  # (T+1,)
+    values = dist.all_reduce_mean(vec).cpu().tolist()  # the one host-device sync per iteration
+    return dict(zip(losses.keys(), values[:-1])), values[-1] > 0
+
+
+def _check_finite(terms: dict[str, float], it: int) -> None:
+    if not all(math.isfinite(v) for v in terms.values()):
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+        raise FloatingPointError(f"non-finite loss at iteration {it}: {shown}")
+
+
+def _optimizer_step(total, model, optimizer, scaler, clip_grad) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        total.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        return
+    scaler.scale(total).backward()
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+    scaler.update()
+
+
+def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_iter_fn,
+          cfg: TrainConfig, extra_state_fn=None) -> dict:
+    """Run iterations [start, cfg.iters) of `step_fn`; the one training loop of both stages.
+
+    step_fn(batch, iteration) -> dict of named scalar losses (the DDP-wrapped forward happens inside);
+        the optimised loss is their sum.
+    model: the unwrapped trainable module (saved as checkpoint["model"]).
+    data_iter_fn(start_iter) -> iterator of batches from that iteration on; each batch has .to(device).
+    extra_state_fn() -> dict merged into each checkpoint (called on rank 0 only; plain values).
+
+    The model is put in train mode (FrozenBatchNorm is unaffected). Only rank 0 writes files.
+
+    Returns {"iterations": completed iterations in total, "start_iteration", "final_loss" (global mean
+    total loss of the last iteration run, None if none ran), "stopped" (True after SIGTERM/SIGINT),
+    "time_s"}. Raises FloatingPointError on a non-finite loss, before that step changes the weights.
+    """
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    main = dist.is_main_process()
+    scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    start_iter = _resume(model, optimizer, scheduler, scaler, cfg)
+    logger = _Logger(cfg, enabled=main)
+    bar = tqdm(total=cfg.iters, initial=start_iter, desc=cfg.kind, dynamic_ncols=True,
+               disable=True if not main else None)  # None: tqdm disables itself when not a tty
+    model.train()
+    t_start = time.perf_counter()
+    final_loss, stopped, done = None, False, start_iter
+
+    with _StopRequest() as stop, bar:
+        data = data_iter_fn(start_iter)
+        for it in range(start_iter, cfg.iters):
+            t0 = time.perf_counter()
+            try:
+                batch = next(data).to(cfg.device, non_blocking=True)
+            except StopIteration:
+                raise RuntimeError(f"data iterator ended at iteration {it}, before {cfg.iters}") from None
+            t_data = time.perf_counter() - t0
+
+            with torch.autocast(cfg.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                losses = step_fn(batch, it)
+            terms, stop_now = _global_terms(losses, stop.requested, cfg.device)
+            _check_finite(terms, it)  # before backward: the weights stay those of the last good step
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
+            _optimizer_step(sum(losses.values()), model, optimizer, scaler, cfg.clip_grad)
+            scheduler.step()
+
+            done = it + 1
+            stopped = stop_now and done < cfg.iters  # a stop on the last iteration is just the end
+            final_loss = sum(terms.values())
+            logger.tick(time.perf_counter() - t0, t_data)
+            bar.update(1)
+            bar.set_postfix(loss=f"{final_loss:.4f}", refresh=False)
+            if done % cfg.log_period == 0 or done == cfg.iters or stopped:
+                logger.write(done, lr, terms)
+            if done % cfg.checkpoint_period == 0 or done == cfg.iters or stopped:
+                _save_checkpoint(model, optimizer, scheduler, scaler, done, cfg, extra_state_fn)
+            if stopped:
+                break
+
+    if stopped:
+        if main:
+            print(f"stop requested: saved {Path(cfg.output_dir) / CHECKPOINT} at iteration {done}", file=sys.stderr)
+    else:
+        _save_final(model, done, cfg)
+    return {"iterations": done, "start_iteration": start_iter, "final_loss": final_loss, "stopped": stopped,
+            "time_s": time.perf_counter() - t_start}
