@@ -119,9 +119,10 @@ def assign_targets(points, strides, ranges, boxes_list, labels_list, center_radi
     return Targets(target_labels, target_ltrb, pos)
 
 
-def focal_loss_sum(logits, pos_logits, alpha=0.25, gamma=2.0):
+def focal_loss_sum(logits, pos_logits, alpha=0.25, gamma=2.0, pos_mask=None):
     """Focal loss (RetinaNet Eq. 5) summed over `logits` whose target-1 entries are `pos_logits` (a copy of
-    those entries, e.g. gathered; all other entries have target 0).
+    those entries, e.g. gathered; all other entries have target 0). Entries of `pos_logits` where `pos_mask`
+    is False are not positives (they let callers gather one entry per location without indexing).
 
     Every entry is first counted as a negative, FL(x, 0) = (1 - alpha) p^gamma softplus(x), and the positives
     then swap that term for FL(x, 1) = alpha (1 - p)^gamma softplus(-x) (p = sigmoid(x), softplus(-x) = -log p).
@@ -130,7 +131,10 @@ def focal_loss_sum(logits, pos_logits, alpha=0.25, gamma=2.0):
     """
     neg = lambda x: torch.sigmoid(x) ** gamma * F.softplus(x)  # noqa: E731  FL(x, 0) / (1 - alpha)
     pos = lambda x: torch.sigmoid(-x) ** gamma * F.softplus(-x)  # noqa: E731  FL(x, 1) / alpha
-    return (1 - alpha) * neg(logits).sum() + (alpha * pos(pos_logits) - (1 - alpha) * neg(pos_logits)).sum()
+    swap = alpha * pos(pos_logits) - (1 - alpha) * neg(pos_logits)
+    if pos_mask is not None:
+        swap = torch.where(pos_mask, swap, 0.0)
+    return (1 - alpha) * neg(logits).sum() + swap.sum()
 
 
 def sigmoid_focal_loss(logits, onehot, alpha=0.25, gamma=2.0):
@@ -162,12 +166,15 @@ def fcos_losses(cls, box, ctr, targets: Targets, prefix=""):
     cls [B, L, K], box [B, L, 4], ctr [B, L] from FCOSHead; returns {prefix+"loss_cls", ...}.
     """
     pos = targets.pos
-    ctr_t = targets.centerness[pos]  # P
-    norms = dist.all_reduce_mean(torch.stack([pos.sum().float(), ctr_t.sum().float()]))
+    ctr_t = torch.where(pos, targets.centerness, 0.0)  # B x L, zero off the positives
+    norms = dist.all_reduce_mean(torch.stack([pos.sum().float(), ctr_t.sum()]))
     num_pos, ctr_sum = norms[0].clamp(min=1.0), norms[1].clamp(min=1e-6)
-    pos_logits = cls[pos].gather(1, targets.labels[pos, None]).float()  # P x 1, the logit of each positive's class
-    loss_cls = focal_loss_sum(cls.float(), pos_logits) / num_pos
-    # Indexing with an empty mask still links every head parameter to the graph (zero gradient), as DDP needs.
-    loss_box = giou_loss_ltrb(box[pos].float(), targets.ltrb[pos], ctr_t) / ctr_sum
-    loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos].float(), ctr_t, reduction="sum") / num_pos
+    # The positive terms are evaluated at every location (B x L, 1/K of the class map) and masked, instead of
+    # indexing the positives: no host-device sync (a boolean index needs one on CUDA), and every head
+    # parameter stays in the graph with zero gradient even without positives, as DDP needs.
+    gt_logits = cls.gather(2, targets.labels.clamp(min=0)[..., None]).squeeze(2).float()  # B x L
+    loss_cls = focal_loss_sum(cls.float(), gt_logits, pos_mask=pos) / num_pos
+    safe_ltrb = torch.where(pos[..., None], targets.ltrb, 1.0)  # a finite dummy target off the positives
+    loss_box = giou_loss_ltrb(box.float(), safe_ltrb, ctr_t) / ctr_sum
+    loss_ctr = (F.binary_cross_entropy_with_logits(ctr.float(), ctr_t, reduction="none") * pos).sum() / num_pos
     return {f"{prefix}loss_cls": loss_cls, f"{prefix}loss_box": loss_box, f"{prefix}loss_ctr": loss_ctr}
