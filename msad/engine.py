@@ -323,7 +323,10 @@ def _resume(model, optimizer, scheduler, scaler, cfg) -> int:
 
 
 class _Logger:
-    """Rank 0's log.jsonl: one flushed JSON line per log period with timings averaged since the last line."""
+    """Rank 0's log.jsonl: one flushed JSON line per log period with timings averaged since the last line.
+
+    "iter" counts completed iterations (like checkpoint["iteration"]); "lr" is the one the last step used.
+    """
 
     def __init__(self, cfg: TrainConfig, enabled: bool):
         self.enabled, self.device = enabled, cfg.device
@@ -415,7 +418,8 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     final_loss, stopped, done = None, False, start_iter
 
     with _StopRequest() as stop, bar:
-        data = data_iter_fn(start_iter)
+        # Only ask for data when there is work: a DataLoader iterator starts its worker processes.
+        data = data_iter_fn(start_iter) if start_iter < cfg.iters else iter(())
         for it in range(start_iter, cfg.iters):
             t0 = time.perf_counter()
             try:

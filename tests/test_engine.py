@@ -207,6 +207,7 @@ class Evil:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_load_checkpoint_refuses_malicious_pickle(tmp_path, writer):
     marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
@@ -294,6 +295,19 @@ def test_sigterm_saves_and_returns_in_process(tmp_path):
     assert read_log(tmp_path)[-1]["iter"] == 4
     assert not (tmp_path / "model_final.pth").exists()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_second_sigint_interrupts_immediately(tmp_path):
+    def hook(it, losses):
+        if it == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # first Ctrl-C: stop after this iteration...
+            os.kill(os.getpid(), signal.SIGINT)  # ...second one: give up now
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run_toy(tmp_path, iters=50, hook=hook, checkpoint_period=100)
+    assert signal.getsignal(signal.SIGINT) == before
+    assert not (tmp_path / "checkpoint.pth").exists()
 
 
 def start_toy(out, *extra):
