@@ -1,0 +1,80 @@
+"""Feature distillation from the fused teacher pyramid to the LR student (MSAD Sec. 3.4, method.md Sec. 5):
+L_KD = w(t) * 0.2 * 3 * sum over the 5 levels of mean |S_l - F_l|, w(t) = min(1, t / 500)."""
+import pytest
+import torch
+
+from msad.distill import FeatureDistillation, warmup_factor
+from msad.models import DistilledStudent, build_model
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+SHAPES = [(2, 8, 16, 20), (2, 8, 8, 10), (2, 8, 4, 5), (2, 8, 2, 3), (2, 8, 1, 2)]
+
+
+def pyramids():
+    student = [torch.randn(s) for s in SHAPES]
+    teacher = [torch.randn(s) * 2 + 1 for s in SHAPES]
+    return student, teacher
+
+
+def test_l1_distillation_equals_0_6_times_the_sum_of_per_level_mean_abs_error():
+    s, t = pyramids()
+    losses = FeatureDistillation()(s, t, iteration=10_000)
+    by_hand = 0.6 * sum((a - b).abs().sum() / a.numel() for a, b in zip(s, t))
+    assert len(losses) == 5
+    assert torch.allclose(sum(losses.values()), by_hand)
+    for i, (a, b) in enumerate(zip(s, t)):  # one term per level
+        assert torch.allclose(losses[f"loss_kd_p{i + 2}"], 0.6 * (a - b).abs().mean())
+
+
+@pytest.mark.parametrize("iteration, factor", [(0, 0.0), (250, 0.5), (500, 1.0), (1000, 1.0)])
+def test_warmup_ramps_linearly_over_500_iterations(iteration, factor):
+    assert warmup_factor(iteration, 500) == factor
+    s, t = pyramids()
+    kd = FeatureDistillation()
+    full = sum(kd(s, t, iteration=500).values())
+    assert torch.allclose(sum(kd(s, t, iteration=iteration).values()), factor * full)
+
+
+def test_no_warmup_means_full_weight_from_the_start():
+    assert warmup_factor(0, 0) == 1.0
+
+
+def test_distillation_is_zero_for_identical_features():
+    s, _ = pyramids()
+    losses = FeatureDistillation()(s, [x.clone() for x in s], iteration=10_000)
+    assert all(v == 0 for v in losses.values())
+
+
+def test_shape_mismatch_raises_naming_the_level_and_shapes():
+    s, t = pyramids()
+    t[1] = torch.randn(2, 8, 9, 10)
+    with pytest.raises(ValueError, match=r"level 1: student P3 \(2, 8, 8, 10\) != teacher fused level 1 "
+                                         r"\(2, 8, 9, 10\)"):
+        FeatureDistillation()(s, t, iteration=0)
+
+
+def test_l2_distance_is_selectable():
+    s, t = pyramids()
+    losses = FeatureDistillation(distance="l2")(s, t, iteration=10_000)
+    by_hand = 0.6 * sum(((a - b) ** 2).mean() for a, b in zip(s, t))
+    assert torch.allclose(sum(losses.values()), by_hand)
+
+
+def test_unknown_distance_is_rejected():
+    with pytest.raises(ValueError, match="--kd-loss"):
+        FeatureDistillation(distance="cosine")
+
+
+def test_distilled_student_adds_kd_terms_whose_gradient_reaches_only_the_student(tiny_cfg, make_batch):
+    teacher = build_model("teacher", tiny_cfg).eval()
+    wrapper = DistilledStudent(build_model("student", tiny_cfg).train(), FeatureDistillation())
+    batch = make_batch([[[10, 12, 70, 90]], [[30, 20, 100, 60]]], sizes=(128, 128))
+    teacher_feats = teacher.distillation_targets(batch)
+    assert not any(f.requires_grad for f in teacher_feats)  # computed under no_grad
+    losses = wrapper(batch, teacher_feats, iteration=500)
+    assert {"loss_cls", "loss_box", "loss_ctr"} < set(losses)
+    assert {f"loss_kd_p{l}" for l in range(2, 7)} < set(losses)
+    sum(v for k, v in losses.items() if k.startswith("loss_kd")).backward()
+    assert wrapper.student.fpn.output["p2"].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
