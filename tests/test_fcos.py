@@ -107,6 +107,14 @@ def test_overlapping_boxes_give_the_location_to_the_smaller_box():
         assert torch.equal(t.ltrb[b, p] * 8, torch.tensor([24.0, 24.0, 32.0, 32.0]))
 
 
+def test_boxes_of_equal_area_give_the_location_to_the_first_box():
+    # Two 40 x 40 boxes, shifted by 8 px, both containing the P3 location (76, 76) in their centre squares.
+    a, b = [52, 52, 92, 92], [60, 60, 100, 100]
+    t, shapes = assign((256, 256), [[a, b], [b, a]], [[1, 2], [2, 1]])
+    p = loc(shapes, 0, 76, 76)
+    assert t.labels[0, p] == 1 and t.labels[1, p] == 2  # the lower box index, whichever box it is
+
+
 def test_image_without_boxes_is_all_background():
     t, _ = assign((256, 384), [[]])
     assert not t.pos.any()
