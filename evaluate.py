@@ -12,7 +12,7 @@ import json
 import os
 
 from msad import dist, runner
-from msad.cli import add_data_args, print_metrics_line, resolve
+from msad.cli import add_data_args, print_metrics_line, resolve, run_script
 from msad.data import CocoDetection
 from msad.engine import load_checkpoint, write_json_atomic
 from msad.evaluation import coco_evaluate, load_results, visualize
@@ -76,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from msad import runner
-from msad.cli import add_data_args, add_model_args, add_train_args, model_config, resolve
+from msad.cli import add_data_args, add_model_args, add_train_args, model_config, resolve, run_script
 from msad.distill import DISTANCES, FeatureDistillation
 from msad.engine import load_checkpoint
 from msad.models import DistilledStudent, ModelConfig, build_model, init_backbone, load_partial
@@ -81,4 +81,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

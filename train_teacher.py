@@ -16,7 +16,7 @@ Baselines (method.md Sec. 7), vanilla FCOS on P3..P7:
 import argparse
 
 from msad import runner
-from msad.cli import add_data_args, add_model_args, add_train_args, model_config, resolve
+from msad.cli import add_data_args, add_model_args, add_train_args, model_config, resolve, run_script
 from msad.models import build_model, init_backbone
 
 
@@ -49,4 +49,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

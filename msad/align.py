@@ -33,11 +33,6 @@ def hr_strides(hr_levels=HR_LEVELS):
     return [2 ** l for l in hr_levels]
 
 
-def check_pad_divisor(size_divisible: int) -> None:
-    if size_divisible % HR_PAD:
-        raise ValueError(f"HR batches must be padded to a multiple of {HR_PAD} for the 2x alignment, got {size_divisible}")
-
-
 def make_low_res(images: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
     """The LR batch: a 0.5x resize of the padded, normalised HR batch (B x 3 x H x W -> B x 3 x H/2 x W/2).
 

@@ -7,11 +7,11 @@ import argparse
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import torch
 
-from .align import HR_PAD
 from .models import ModelConfig
 
 COCO_SIZES = tuple(range(640, 801, 32))  # method.md Sec. 3: short side drawn from {640, 672, ..., 800}
@@ -134,4 +134,18 @@ def print_metrics_line(metrics: dict):
     print(json.dumps(metrics, sort_keys=True), flush=True)
 
 
-SIZE_DIVISIBLE = HR_PAD
+# Errors a user can cause (bad data, flags, files, a diverging run): reported in one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def run_script(main, argv=None):
+    """Run a script's main(); a user error becomes `error: ...` on stderr and exit status 1.
+    Set MSAD_DEBUG=1 to see the full traceback instead."""
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("MSAD_DEBUG"):
+            raise
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -17,9 +17,9 @@ from .evaluation import evaluate
 
 def start(args) -> dist.DistInfo:
     """Process group, per-process batch check, seeds, and the demo data (generated once, by rank 0)."""
+    if hasattr(args, "batch_size"):  # checked before the process group exists: every rank fails the same way
+        args.batch_per_process = dist.check_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
     info = dist.init_distributed(args.device)
-    if hasattr(args, "batch_size"):
-        args.batch_per_process = dist.check_batch_size(args.batch_size, info.world_size)
     seed_everything(args.seed, info.rank)
     if args.preset == "demo" and not (args.train_ann or args.val_ann):
         if info.is_main:

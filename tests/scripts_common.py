@@ -1,0 +1,42 @@
+"""Helpers for the tests that run the three scripts as a user does (subprocesses, torchrun)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny demo model so that a training iteration takes a fraction of a second on 2 CPU cores.
+TINY = ["--width", "0.25", "--fpn-channels", "32", "--head-convs", "1", "--train-sizes", "96,128", "--max-size", "160",
+        "--test-size", "128", "--workers", "0", "--device", "cpu", "--batch-size", "2", "--log-period", "1",
+        "--eval-batch-size", "4"]
+
+
+def data_flags(root):
+    return ["--train-ann", f"{root}/annotations/instances_train2017.json", "--train-images", f"{root}/train2017",
+            "--val-ann", f"{root}/annotations/instances_val2017.json", "--val-images", f"{root}/val2017"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(script, *args, nproc=1, timeout=240, env=None):
+    """Run `script` (under torchrun with gloo when nproc > 1); returns the CompletedProcess."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                      str(nproc), "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MSAD_DIST_TIMEOUT": "60", **(env or {})}
+    return subprocess.run([*launcher, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
