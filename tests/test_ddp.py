@@ -1,0 +1,54 @@
+"""The real models and scripts under torchrun with 2 gloo processes on CPU (design.md: same code path for
+1 and N processes; the frozen teacher outside DDP; evaluation sharded and merged on rank 0)."""
+import os
+
+import pytest
+import torch
+
+from msad.synthetic import ensure_synthetic
+from scripts_common import ROOT, TINY, data_flags, last_json, run
+
+
+def test_teacher_ddp_equals_one_process_even_with_a_rank_without_positives(tmp_path):
+    script = os.path.join("tests", "helpers", "ddp_teacher.py")
+    for nproc, name in ((1, "one.pth"), (2, "two.pth")):
+        proc = run(script, tmp_path / name, nproc=nproc, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (torch.load(tmp_path / n, weights_only=True) for n in ("one.pth", "two.pth"))
+    assert one["names"] == two["names"] and len(one["names"]) == 9  # hr/lr/fused x cls/box/ctr
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-4, atol=1e-5)
+    for key, value in one["model"].items():
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)  # float sum order
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = ensure_synthetic(str(tmp / "synthetic"), num_train=8, num_val=6)
+    last_json(run("train_teacher.py", *TINY, *data_flags(data), "--iters", 2, "--no-eval",
+                  "--output-dir", tmp / "teacher"))
+    return tmp, data
+
+
+def test_student_trains_under_torchrun_with_the_teacher_outside_ddp(trained):
+    tmp, data = trained
+    teacher = tmp / "teacher" / "model_final.pth"
+    before = torch.load(teacher, weights_only=True)["model"]
+    result = last_json(run("train_student.py", *TINY, *data_flags(data), "--iters", 2, "--kd-warmup", 0,
+                           "--no-eval", "--teacher", teacher, "--output-dir", tmp / "student", nproc=2))
+    assert result["kind"] == "student" and result["iterations"] == 2
+    after = torch.load(teacher, weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    student = torch.load(tmp / "student" / "model_final.pth", weights_only=True)["model"]
+    assert not any(k.startswith("fusion.") for k in student)
+
+
+def test_sharded_evaluation_equals_one_process(trained):
+    tmp, _ = trained
+    args = ["--checkpoint", tmp / "teacher" / "model_final.pth", "--branch", "fused", "--device", "cpu",
+            "--workers", 0, "--eval-batch-size", 2]
+    one = last_json(run("evaluate.py", *args, "--output-dir", tmp / "eval1"))
+    two = last_json(run("evaluate.py", *args, "--output-dir", tmp / "eval2", nproc=2))
+    assert one["images"] == two["images"] == 6
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6)
