@@ -12,9 +12,18 @@ from msad.models import ModelConfig
 
 @pytest.fixture
 def seeded():
-    """Start a test from a fixed RNG state, so its random case is reproducible when run alone
-    (modules opt in with `pytestmark = pytest.mark.usefixtures("seeded")`)."""
+    """A fixed RNG state and one intra-op thread for the duration of a test.
+
+    The seed makes each random case reproducible when the test runs alone. One thread because these models
+    are tiny: a second thread only adds synchronisation, and on a busy 2-core machine (other jobs running)
+    the spinning threads make the suite ~5x slower. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("seeded")`; the thread count is restored afterwards.
+    """
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
