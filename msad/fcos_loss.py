@@ -36,8 +36,8 @@ class Targets:
 
 def level_ranges(shapes, ranges=SIZE_RANGES, device=None):
     """Per-location [lo, hi] size range: L x 2."""
-    return torch.cat([torch.tensor([r], device=device, dtype=torch.float32).expand(h * w, 2)
-                      for (h, w), r in zip(shapes, ranges)])
+    out = torch.cat([torch.tensor([r], dtype=torch.float32).expand(h * w, 2) for (h, w), r in zip(shapes, ranges)])
+    return out.to(device, non_blocking=True)  # from pageable memory: staged at once, no wait for the GPU
 
 
 def pad_boxes(boxes_list, labels_list, device):
@@ -80,8 +80,9 @@ def assign_targets(points, strides, ranges, boxes_list, labels_list, center_radi
     shapes = grid_shapes(points, strides) if shapes is None else shapes
     # Candidates: a location within radius*s of the centre is at most ceil(radius) cells away from the cell
     # holding the centre (one more on the far side), on every level; one spare cell per side absorbs rounding.
-    first = torch.tensor([sum(h * w for h, w in shapes[:k]) for k in range(len(shapes))], device=device)  # V
-    hw = torch.tensor(shapes, device=device)  # V x 2 (h, w)
+    # Level layout built on the host and copied without waiting for the GPU (torch.tensor(..., device=cuda) syncs).
+    first = torch.tensor([sum(h * w for h, w in shapes[:k]) for k in range(len(shapes))])  # V
+    first, hw = first.to(device, non_blocking=True), torch.tensor(shapes).to(device, non_blocking=True)  # V, V x 2
     origin, step = points[first], strides[first, None]  # V x 2 (x, y of the level's first location), V x 1
     r = math.ceil(center_radius)
     offsets = torch.arange(-r, r + 2, device=device)  # n = 2r + 2 cells per axis
