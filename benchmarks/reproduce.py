@@ -41,7 +41,8 @@ def plan(args, out):
     """Rows of the table: (key, label, test resolution, list of (script, args))."""
     hr, lr = args.hr_sizes, [s // 2 for s in args.hr_sizes]
     hr_test, lr_test = args.hr_sizes[-1], args.hr_sizes[-1] // 2
-    common = ["--iters", args.iters, "--seed", args.seed, "--device", args.device, "--workers", args.workers]
+    common = ["--iters", args.iters, "--seed", args.seed, "--device", args.device]
+    common += ["--workers", args.workers] if args.workers is not None else []
     fmt = lambda sizes: ",".join(map(str, sizes))
     d = lambda name: os.path.join(out, name)
     teacher_ckpt = os.path.join(d("teacher"), "model_final.pth")
@@ -106,7 +107,7 @@ def main(argv=None):
     p.add_argument("--hr-sizes", default="224,240,256", help="HR training short sides; the last is the HR test size")
     p.add_argument("--max-size", type=int, default=400)
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, help="data loader workers (default: the preset's)")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "reproduce"))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "reproduce"))
     args = p.parse_args(argv)

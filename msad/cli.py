@@ -21,7 +21,7 @@ PRESETS = {
         "common": dict(data_root="data/coco", backbone="resnet50", width=1.0, norm="frozen_bn", freeze_at=2,
                        fpn_channels=256, head_convs=4, train_sizes=COCO_SIZES, max_size=1333, test_size=800,
                        backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5", lr_mode="nearest", checkpoint_period=5000,
-                       eval_batch_size=8),
+                       eval_batch_size=8, workers=4),
         # Released MSAD teachers: batch 8, lr 0.01, 180k iterations, steps at 120k and 160k.
         "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
         # Students (and the 1x FCOS baselines): batch 16, lr 0.01, 90k iterations, steps at 60k and 80k.
@@ -29,9 +29,10 @@ PRESETS = {
     },
     # The built-in demo: a narrow ResNet-18 with GroupNorm trained from scratch on data/synthetic, on CPU.
     "demo": {
-        "common": dict(data_root="data/synthetic", backbone="resnet18", width=0.5, norm="gn", freeze_at=0,
-                       fpn_channels=64, head_convs=2, train_sizes=(224, 240, 256), max_size=400, test_size=256,
-                       backbone_weights=None, warmup_iters=100, p6_from="c5", lr_mode="nearest", checkpoint_period=200, eval_batch_size=16),
+        "common": dict(data_root="data/synthetic", backbone="resnet18", width=0.25, norm="gn", freeze_at=0,
+                       fpn_channels=32, head_convs=2, train_sizes=(224, 240, 256), max_size=400, test_size=256,
+                       backbone_weights=None, warmup_iters=100, p6_from="c5", lr_mode="nearest",
+                       checkpoint_period=100, eval_batch_size=16, workers=1),
         "teacher": dict(batch_size=8, lr=0.02, iters=600, steps=(450, 550)),
         "student": dict(batch_size=8, lr=0.02, iters=600, steps=(450, 550)),
     },
@@ -53,7 +54,7 @@ def add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--val-images", help="override: validation image folder")
     g.add_argument("--test-size", type=int, help="HR short side at test time (LR branch / student get half)")
     g.add_argument("--max-size", type=int, help="longest side after resizing (HR)")
-    g.add_argument("--workers", type=int, default=2, help="data loader worker processes per process")
+    g.add_argument("--workers", type=int, help="data loader worker processes per process")
     g.add_argument("--eval-batch-size", type=int, help="images per process at evaluation")
     g.add_argument("--max-images", type=int, help="evaluate only the first N validation images (quick checks)")
 
