@@ -33,8 +33,8 @@ PRESETS = {
                        fpn_channels=32, head_convs=2, train_sizes=(224, 240, 256), max_size=400, test_size=256,
                        backbone_weights=None, warmup_iters=100, p6_from="c5", lr_mode="nearest",
                        checkpoint_period=100, eval_batch_size=16, workers=1),
-        "teacher": dict(batch_size=8, lr=0.02, iters=600, steps=(450, 550)),
-        "student": dict(batch_size=8, lr=0.02, iters=600, steps=(450, 550)),
+        "teacher": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370)),
+        "student": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370)),
     },
 }
 _PRESET_STAGE = {"teacher": "teacher", "student": "student", "fcos": "student"}
