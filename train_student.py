@@ -10,12 +10,10 @@ COCO on 8 GPUs (students: batch 16, 90k iterations):
         --teacher runs/coco_teacher/model_final.pth --amp bf16 --output-dir runs/coco_student
 Ablation without distillation (same student, same schedule):  ... --kd-weight 0
 """
-import argparse
-
 import torch
 
 from msad import runner
-from msad.cli import add_data_args, add_model_args, add_train_args, model_config, resolve, run_script
+from msad.cli import model_config, resolve, run_script, training_parser
 from msad.distill import DISTANCES, FeatureDistillation
 from msad.engine import load_checkpoint
 from msad.models import DistilledStudent, ModelConfig, build_model, init_backbone, load_partial
@@ -24,10 +22,7 @@ ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_con
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p)
-    add_model_args(p)
-    add_train_args(p, default_output="runs/student")
+    p = training_parser(__doc__, default_output="runs/student")
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default="runs/teacher/model_final.pth", help="teacher checkpoint (kind teacher)")
     g.add_argument("--kd-weight", type=float, default=0.2 * 3, help="alpha * T (0.2 x 3); 0 trains without KD")

@@ -13,18 +13,13 @@ Baselines (method.md Sec. 7), vanilla FCOS on P3..P7:
     ... train_teacher.py --preset coco --mode single --train-sizes 320,336,352,368,384,400 --max-size 667 --test-size 400
     ... train_teacher.py --preset coco --mode single --train-sizes 320,...,800 --test-size 400   # vanilla multi-scale
 """
-import argparse
-
 from msad import runner
-from msad.cli import add_data_args, add_model_args, add_train_args, model_config, resolve, run_script
+from msad.cli import model_config, resolve, run_script, training_parser
 from msad.models import build_model, init_backbone
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p)
-    add_model_args(p)
-    add_train_args(p, default_output="runs/teacher")
+    p = training_parser(__doc__, default_output="runs/teacher")
     g = p.add_argument_group("MSAD teacher")
     g.add_argument("--mode", choices=("aligned", "single"), default="aligned",
                    help="aligned: MSAD teacher (HR P3-P7 + LR P2-P6 + fused); single: vanilla FCOS on P3-P7")

@@ -95,6 +95,15 @@ def add_train_args(p: argparse.ArgumentParser, default_output: str):
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end of training")
 
 
+def training_parser(doc: str, default_output: str) -> argparse.ArgumentParser:
+    """The flags both training scripts share: data, model, optimisation and runtime groups."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    add_model_args(p)
+    add_train_args(p, default_output)
+    return p
+
+
 def resolve(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     """Fill every unset flag from the preset, then check the values that must hold before any work starts."""
     preset = PRESETS[args.preset]
@@ -136,7 +145,7 @@ def print_metrics_line(metrics: dict):
 
 
 # Errors a user can cause (bad data, flags, files, a diverging run): reported in one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
 def run_script(main, argv=None):
