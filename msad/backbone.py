@@ -95,11 +95,11 @@ def load_imagenet_weights(trunk: ResNetTrunk, path: str) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = trunk.state_dict()
     missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in state if k not in own)
+    unexpected = sorted(k for k in state if k not in own and not k.endswith("num_batches_tracked"))  # FrozenBN has none
     shape = sorted(k for k in own if k in state and own[k].shape != state[k].shape)
     if missing or unexpected or shape:
         parts = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)) if keys]
         raise ValueError(f"--backbone-weights {path} does not fit this backbone ({'; '.join(parts)})")
-    trunk.load_state_dict(state, strict=False)
+    trunk.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 

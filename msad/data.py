@@ -245,7 +245,15 @@ class CocoDetection(torch.utils.data.Dataset):
 
     @staticmethod
     def _coco_index(data: dict) -> COCO:
-        """pycocotools index of the (already checked) json, for COCOeval; built quietly."""
+        """pycocotools index of the (already checked) json, for COCOeval; built quietly.
+
+        COCOeval needs `area` (it sorts ground truth into small/medium/large by it) and `iscrowd`;
+        COCO-format files of other datasets often lack them, so they default to the box area and 0.
+        """
+        for ann in data.get("annotations", []):
+            if "area" not in ann:
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+            ann.setdefault("iscrowd", 0)
         coco = COCO()
         coco.dataset = data
         with redirect_stdout(StringIO()):
