@@ -9,6 +9,7 @@ Training is iteration based (as in detectron2 and the released MSAD code): `Trai
 infinite, deterministic stream of batches, so `--resume` at iteration k sees exactly the batches that an
 uninterrupted run would have seen, including their augmentation (each sample carries its own aug seed).
 """
+import functools
 import itertools
 import json
 import logging
@@ -389,10 +390,17 @@ def collate(samples, size_divisible: int = 128) -> ImageBatch:
                       [tuple(t["orig_size"]) for t in targets], [t["image_id"] for t in targets])
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device):
+    """ImageNet mean and std on `device`, 0..255 scale: made once, so normalize never waits on a copy."""
+    mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1).mul(255).to(device)
+    std = torch.tensor(IMAGENET_STD).view(-1, 1, 1).mul(255).to(device)
+    return mean, std
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (or float 0..255) B x 3 x H x W -> float32 (x / 255 - mean) / std, on the images' device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(-1, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(-1, 1, 1) * 255
+    mean, std = _mean_std(images.device)
     return (images.float() - mean) / std
 
 
