@@ -10,7 +10,7 @@ resolution, and writes one table (markdown + JSON) under benchmarks/results/:
   5. the MSAD fused teacher (HR + LR)
   6. the MSAD student at the low resolution, and the same student trained with --kd-weight 0
 
-    python benchmarks/reproduce.py                       # seeds 0 and 1, demo preset, CPU: ~45 min
+    python benchmarks/reproduce.py                       # seeds 0 and 1, demo preset: 30 min on 2 CPU cores
     python benchmarks/reproduce.py --seeds 0 --iters 200 # quicker, noisier
 Every run goes through train_teacher.py / train_student.py / evaluate.py exactly as a user runs them.
 """

@@ -1,7 +1,6 @@
 """msad.dist: torchrun on CPU/gloo with 2 processes, failure handling, and the one-process case."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ from msad import dist, engine
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
 import toy_train  # noqa: E402
+from scripts_common import free_port  # noqa: E402
 
 TOY_SCRIPT = HELPERS / "toy_train.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(out, *extra, timeout_env="20", timeout=90):
