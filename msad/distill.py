@@ -4,7 +4,6 @@ L_KD = w(t) * alpha * T * sum_l mean |S_l - F_l|, with the student's P2..P6 as S
 pyramid as F, alpha = 0.2, T = 3 and w(t) = min(1, t / warmup) a linear warm-up over 500 iterations,
 as the released code runs it. The mean is over all B x C x h x w elements of a level.
 """
-import torch
 import torch.nn.functional as F
 
 DISTANCES = {

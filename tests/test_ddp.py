@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msad.synthetic import ensure_synthetic
-from scripts_common import ROOT, TINY, data_flags, last_json, run
+from scripts_common import TINY, data_flags, last_json, run
 
 
 def test_teacher_ddp_equals_one_process_even_with_a_rank_without_positives(tmp_path):

@@ -2,7 +2,6 @@
 and the one-line errors for bad arguments before any work starts (issue: reliability)."""
 import json
 import math
-import os
 
 import pytest
 import torch
