@@ -12,12 +12,13 @@ import json
 import os
 
 from msad import dist, runner
-from msad.cli import add_data_args, print_metrics_line, resolve, run_script
+from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script
 from msad.data import CocoDetection
 from msad.engine import load_checkpoint, write_json_atomic
-from msad.evaluation import coco_evaluate, load_results, visualize
+from msad.evaluation import check_results, coco_evaluate, load_results, visualize
 from msad.models import model_from_checkpoint
 
+DEFAULT_CHECKPOINT = "runs/student/model_final.pth"  # where the demo's train_student.py writes the student
 DATA_KEYS = ("preset", "data_root", "val_ann", "val_images", "test_size", "max_size")
 
 
@@ -26,7 +27,7 @@ def parse_args(argv=None):
     add_data_args(p)
     p.set_defaults(preset=None)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--checkpoint", default="runs/student/model_final.pth", help="a model_final.pth or checkpoint.pth")
+    g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a model_final.pth or checkpoint.pth")
     g.add_argument("--branch", choices=("fused", "hr", "lr"), help="teacher branch (default fused)")
     g.add_argument("--detections", help="evaluate this COCO results json against --val-ann instead of a model")
     g.add_argument("--output-dir", default="runs/eval", help="detections.json, metrics.json, visualisations")
@@ -42,25 +43,31 @@ def evaluate_file(args) -> dict:
     if not args.val_ann:
         raise SystemExit("error: --detections needs --val-ann (the ground-truth annotation json)")
     gt = CocoDetection(args.val_ann, args.val_images or "", train=False, sizes=(800,), max_size=1333)
+    if not gt.coco.dataset.get("annotations"):
+        raise ValueError(f"--val-ann {args.val_ann} has no annotations: there is no ground truth to score "
+                         f"--detections against")
     results = load_results(args.detections)
+    check_results(results, args.detections, gt)
     return coco_evaluate(gt.coco, results, gt.image_ids) | {"images": len(gt.image_ids), "detections": args.detections}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
+    for flag in ("output_dir", "vis"):  # fail now, not after the inference
+        make_output_dir(getattr(args, flag), f"--{flag.replace('_', '-')}")
     if args.detections:
         metrics = evaluate_file(args)
         write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
         return metrics
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint, made_by="python train_student.py" if args.checkpoint == DEFAULT_CHECKPOINT
+                           else "train_teacher.py or train_student.py")
     for key in DATA_KEYS:  # evaluate on the data the model was trained for unless told otherwise
         if getattr(args, key) is None and ckpt["args"].get(key) is not None:
             setattr(args, key, ckpt["args"][key])
     args.preset, args.seed = args.preset or "demo", 0
     args = resolve(args, "student")
-    info = runner.start(args)
+    info = runner.start(args, training=False)
     model = model_from_checkpoint(ckpt, args.checkpoint, args.branch).to(info.device)
     metrics = runner.evaluate_model(args, info, model, output_dir=args.output_dir)
     if info.is_main:

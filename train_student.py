@@ -45,7 +45,7 @@ def main(argv=None):
     args = parse_args(argv)
     ckpt = None
     if args.init == "teacher" or args.kd_weight > 0:
-        ckpt = load_checkpoint(args.teacher, expected_kind="teacher")
+        ckpt = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")
         for key in ARCH_KEYS:  # the student's architecture defaults to the teacher's
             if getattr(args, key) is None and key in ckpt["args"]:
                 setattr(args, key, ckpt["args"][key])

@@ -5,8 +5,10 @@ preset's value, and any flag given on the command line wins. Nothing here is spe
 """
 import argparse
 import json
+import math
 import os
 import random
+import re
 import sys
 
 import numpy as np
@@ -64,7 +66,7 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--backbone", help="resnet18 | resnet34 | resnet50 | resnet101")
     g.add_argument("--width", type=float, help="channel width multiplier of the ResNet (slimmable widths)")
     g.add_argument("--norm", choices=("frozen_bn", "bn", "syncbn", "gn"), help="backbone normalisation")
-    g.add_argument("--freeze-at", type=int, help="0: train all; 1: freeze stem; 2: stem + res2")
+    g.add_argument("--freeze-at", type=int, choices=(0, 1, 2), help="0: train all; 1: freeze stem; 2: stem + res2")
     g.add_argument("--backbone-weights", help="local torchvision ResNet state_dict (ImageNet); 'none' to skip")
     g.add_argument("--fpn-channels", type=int, help="FPN and head width (256 on COCO)")
     g.add_argument("--head-convs", type=int, help="convs per head tower (4 on COCO)")
@@ -89,6 +91,8 @@ def add_train_args(p: argparse.ArgumentParser, default_output: str):
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone and FPN")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--overwrite", action="store_true",
+                   help="train from scratch into an OUTPUT_DIR that holds a run, replacing its model and log")
     g.add_argument("--checkpoint-period", type=int, help="save a checkpoint every N iterations")
     g.add_argument("--log-period", type=int, default=20, help="write log.jsonl every N iterations")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and augmentation")
@@ -112,12 +116,61 @@ def resolve(args: argparse.Namespace, stage: str) -> argparse.Namespace:
             setattr(args, key, value)
     if getattr(args, "backbone_weights", None) in ("none", ""):
         args.backbone_weights = None
-    for name in ("train_sizes", "test_size"):
+    for name in ("train_sizes", "test_size", "max_size"):
         sizes = getattr(args, name, None)
         sizes = sizes if isinstance(sizes, tuple) else (sizes,) if sizes is not None else ()
         if any(s < 32 for s in sizes):
             raise SystemExit(f"error: --{name.replace('_', '-')} {sizes}: sizes must be at least 32 pixels")
+    _check_ranges(args)
+    check_device(args)
     return args
+
+
+# flag -> (smallest allowed value, what it is); a flag a script does not have, or left unset, is skipped.
+_MINIMUM = {"iters": (1, "training iterations"), "batch_size": (1, "images"), "eval_batch_size": (1, "images"),
+            "workers": (0, "worker processes"), "max_images": (1, "images"), "fpn_channels": (1, "channels"),
+            "head_convs": (1, "convolutions"), "checkpoint_period": (1, "iterations"), "log_period": (1, "iterations"),
+            "warmup_iters": (0, "iterations"), "kd_warmup": (0, "iterations"), "vis_count": (0, "images")}
+_POSITIVE = ("lr", "width", "clip_grad")  # finite and > 0
+
+
+def _check_ranges(args) -> None:
+    """One line for the first flag outside its range (e.g. --iters 0, --lr nan, --max-images 0)."""
+    for name, (low, unit) in _MINIMUM.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be at least {low} ({unit})")
+    for name in _POSITIVE:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be a finite number above 0")
+    if getattr(args, "weight_decay", None) is not None and not (math.isfinite(args.weight_decay)
+                                                                 and args.weight_decay >= 0):
+        raise SystemExit(f"error: --weight-decay {args.weight_decay}: must be a finite number, 0 or more")
+
+
+def check_device(args) -> None:
+    """--device auto | cpu | cuda | cuda:N, and --amp only where it does what it says (on CUDA)."""
+    device = args.device
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise SystemExit(f"error: --device {device}: expected auto, cpu, cuda or cuda:N")
+    cuda = torch.cuda.is_available()
+    if device.startswith("cuda") and not cuda:
+        raise SystemExit(f"error: --device {device}: CUDA is not available on this machine (use --device cpu)")
+    if getattr(args, "amp", "none") != "none" and (device == "cpu" or not cuda):
+        raise SystemExit(f"error: --amp {args.amp} is mixed precision on CUDA; on CPU use --amp none")
+
+
+def make_output_dir(path, flag: str) -> None:
+    """Create an output folder now (None: not asked for), or stop with one line naming the flag."""
+    if path is None:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create this folder ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: folder is not writable")
 
 
 def model_config(args, num_classes: int) -> ModelConfig:

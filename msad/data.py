@@ -17,6 +17,8 @@ import math
 import os
 import random
 import re
+import signal
+import stat
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Batches are padded in uint8 with the mean colour, so that after normalize() the padding is ~0, as when
 # detectron2 pads the normalised tensor with 0.
 PAD_VALUE = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of the camera orientation
 MAX_CONSECUTIVE_BAD_IMAGES = 10  # more than this in a row means a wrong image folder, not a few bad files
 
 
@@ -97,13 +100,15 @@ def _column(records: list, key: str, kind, ann_file: str, section: str) -> np.nd
                        f"{section}[0] has {len(np.ravel(records[0][key]))}")
 
 
-def _as_int_ids(values: np.ndarray, ann_file: str, section: str, key: str) -> np.ndarray:
-    with np.errstate(invalid="ignore"):  # NaN / inf become garbage ints, caught just below
-        ints = values.astype(np.int64)
-    bad = np.flatnonzero(ints != values)
-    if bad.size:
-        raise DatasetError(f"{ann_file}: {section}[{bad[0]}] field '{key}' must be an integer, got {values[bad[0]]}")
-    return ints
+def _int_ids(records: list, key: str, ann_file: str, section: str) -> np.ndarray:
+    """records[i][key] as int64. Ids must be JSON integers: "1", 1.5 or true are refused with the record named
+    (COCOeval would silently match nothing). Never parsed through float64, so ids >= 2**53 stay distinct."""
+    values = _column(records, key, object, ann_file, section)  # N, the JSON values as they are
+    ok = np.fromiter((type(v) is int and -2**63 <= v < 2**63 for v in values.ravel()), dtype=bool, count=values.size)
+    if values.ndim != 1 or not ok.all():
+        i = int(np.flatnonzero(~ok)[0]) if values.ndim == 1 else 0
+        raise DatasetError(f"{ann_file}: {section}[{i}] field '{key}' must be an integer, got {records[i][key]!r}")
+    return values.astype(np.int64)
 
 
 def _lookup(sorted_ids: np.ndarray, ids: np.ndarray, ann_file: str, what: str) -> np.ndarray:
@@ -133,6 +138,30 @@ def _check_file_names(names: list, image_dir: str, ann_file: str) -> None:
         if (name.startswith(("/", "\\")) or name[1:2] == ":"
                 or (".." in name and ".." in re.split(r"[\\/]", name))):
             raise DatasetError(f"{ann_file}: images[{i}] file_name {name!r} escapes the image folder {image_dir}")
+
+
+def _open_inside(path: str, folder: str):
+    """Open `path` for reading if, links resolved, it is a regular file inside `folder`; else _BadImage.
+
+    O_NONBLOCK so that opening a FIFO returns at once (it is then refused), instead of waiting for a writer.
+    """
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) != root:
+        raise _BadImage(f"links to {real}, outside the image folder {root}")
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _BadImage("not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG "I;16*" / "I") -> 8-bit "L", scaled by 255 / 65535; Pillow would clip it to 255."""
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    values = np.asarray(im, dtype=np.float64)  # H x W, 0..65535
+    return Image.fromarray(np.clip(values / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,7 +213,7 @@ class CocoDetection(torch.utils.data.Dataset):
         f = self.ann_file
         if not cats:
             raise DatasetError(f"{f}: 'categories' is empty")
-        ids = _as_int_ids(_column(cats, "id", np.float64, f, "categories"), f, "categories", "id")
+        ids = _int_ids(cats, "id", f, "categories")
         names = _column(cats, "name", object, f, "categories")
         order = _unique_sorted(ids, f, "categories")
         self.cat_ids: list[int] = ids[order].tolist()
@@ -195,7 +224,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def _parse(self, images: list, anns: list) -> None:
         """Check the json and keep, per kept image, its boxes (xyxy, original pixels) and labels as arrays."""
         f = self.ann_file
-        img_ids = _as_int_ids(_column(images, "id", np.float64, f, "images"), f, "images", "id")
+        img_ids = _int_ids(images, "id", f, "images")
         widths = _column(images, "width", np.float64, f, "images")
         heights = _column(images, "height", np.float64, f, "images")
         names = _column(images, "file_name", object, f, "images")
@@ -208,9 +237,10 @@ class CocoDetection(torch.utils.data.Dataset):
         order = _unique_sorted(img_ids, f, "images")  # images in sorted id order
         img_ids, widths, heights, names = img_ids[order], widths[order], heights[order], names[order]
 
-        a_img = _as_int_ids(_column(anns, "image_id", np.float64, f, "annotations"), f, "annotations", "image_id")
-        a_cat = _as_int_ids(_column(anns, "category_id", np.float64, f, "annotations"), f, "annotations",
-                            "category_id")
+        a_img = _int_ids(anns, "image_id", f, "annotations")
+        a_cat = _int_ids(anns, "category_id", f, "annotations")
+        if not self.train:  # COCOeval indexes ground truth by annotation id: each must be a unique integer
+            _unique_sorted(_int_ids(anns, "id", f, "annotations"), f, "annotations")
         bbox = _column(anns, "bbox", np.float64, f, "annotations").reshape(len(anns), -1)  # N x 4, xywh
         if bbox.shape[1] != 4:
             raise DatasetError(f"{f}: annotations[0] field 'bbox' must be [x, y, width, height]")
@@ -302,19 +332,26 @@ class CocoDetection(torch.utils.data.Dataset):
                 index = (index + 1) % len(self)  # deterministic replacement: the next image
 
     def _read_image(self, index: int) -> Image.Image:
-        """Decode fully to RGB (grayscale, RGBA, palette...); any problem becomes _BadImage."""
+        """Decode fully to RGB, upright (EXIF orientation applied, as detectron2 does); any problem is _BadImage.
+
+        Only a regular file inside the image folder is opened, after resolving links (a link pointing out
+        of the folder, or a FIFO that would block forever, is refused). 16-bit images are scaled to 8 bits.
+        """
         H0, W0 = self._sizes[index].tolist()
         try:
-            with Image.open(self.image_path(index)) as im:
+            with _open_inside(self.image_path(index), self.image_dir) as f, Image.open(f) as im:
+                if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    im = ImageOps.exif_transpose(im)  # upright: the image (and size) the annotator saw
                 if im.mode == "P" and "transparency" in im.info:
                     im = im.convert("RGBA")  # the documented route for palette images with transparency
-                rgb = im.convert("RGB")  # forces the full decode: truncated files fail here
+                rgb = _to_8bit(im).convert("RGB")  # forces the full decode: truncated files fail here
         except FileNotFoundError:
             raise _BadImage("file not found") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise _BadImage(f"cannot decode: {e}") from None
         if rgb.size != (W0, H0):
-            raise _BadImage(f"decoded size {rgb.size[0]}x{rgb.size[1]} differs from the json's {W0}x{H0}")
+            raise _BadImage(f"decoded size {rgb.size[0]}x{rgb.size[1]} (EXIF orientation applied) differs from "
+                            f"the json's {W0}x{H0}")
         return rgb
 
     def _load(self, index: int, aug_seed: int):
@@ -473,10 +510,21 @@ class _ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: loader workers ignore SIGINT / SIGTERM.
+
+    Ctrl-C, `kill -TERM -PGID` and schedulers (scancel) signal every process of the job. The main process
+    then finishes its iteration, saves a checkpoint and shuts the workers down; a worker that died of the
+    signal first would make it fail with "DataLoader worker exited unexpectedly" instead, losing the run.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(dataset, workers: int, size_divisible: int, **kwargs) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset, num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-        collate_fn=partial(collate, size_divisible=size_divisible), **kwargs)
+        collate_fn=partial(collate, size_divisible=size_divisible), worker_init_fn=_ignore_stop_signals, **kwargs)
 
 
 def build_train_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int,

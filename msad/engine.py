@@ -7,11 +7,15 @@ step they run; `train` is the one loop. The recipe is method.md Sec. 6 (SGD, mom
 Robustness contract of `train`:
   * one small all-reduce per iteration carries every loss term plus a stop flag, so all ranks log the
     same global means, stop together on a non-finite loss (before the bad step touches the weights) and
-    stop together on SIGTERM / SIGINT (checkpoint saved, clean return);
+    stop together on SIGTERM / SIGINT (checkpoint saved, return with the signal's name);
   * checkpoints are written atomically (temp file, fsync, rename), so a kill at any moment leaves either
-    the previous checkpoint or the new one, never a torn file;
+    the previous checkpoint or the new one, never a torn file; non-finite weights are never saved;
+  * `claim_output_dir` refuses to replace a finished or unfinished run unless told to (resume / overwrite),
+    test-writes the folder and takes a lock there, all before the first iteration;
   * everything saved loads with torch.load(weights_only=True): plain tensors and Python values only.
 """
+import errno
+import fcntl
 import functools
 import json
 import math
@@ -37,6 +41,8 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT = "checkpoint.pth"
 FINAL = "model_final.pth"
 LOG = "log.jsonl"
+LOCK = ".lock"
+RUN_FILES = (FINAL, CHECKPOINT, LOG, "metrics.json")  # what --overwrite replaces
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -128,6 +134,7 @@ class TrainConfig:
     clip_grad: float | None = None  # max global grad norm, None = no clipping
     amp: str = "none"  # "none" | "bf16" | "fp16" (fp16 adds a GradScaler)
     resume: bool = False
+    overwrite: bool = False  # train from scratch even if output_dir holds a run (its files are replaced)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self):
@@ -144,6 +151,16 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- atomic files and checkpoints
 
+class DiskFullError(OSError):
+    """No space left (or quota exceeded) while writing a file; reported in one line by cli.run_script."""
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    # torch.save reports a failed write as a RuntimeError around the OSError, so look at the message too.
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(e, RuntimeError) and ("No space left" in str(e) or "quota exceeded" in str(e).lower()))
+
+
 def _write_atomic(path, write) -> None:
     """Write through `write(file)` to a hidden temp file beside `path`, fsync it, then rename over `path`.
 
@@ -158,8 +175,12 @@ def _write_atomic(path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(e):
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            raise DiskFullError(f"disk full (or quota exceeded) while writing {path}; {kept}; free space in "
+                                f"{path.parent} and rerun (with --resume to continue)") from None
         raise
     # Make the rename itself durable (a power loss right after could otherwise lose it).
     fd = os.open(path.parent, os.O_RDONLY)
@@ -179,26 +200,94 @@ def write_json_atomic(obj, path) -> None:
     _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def load_checkpoint(path, expected_kind: str | None = None) -> dict:
+def load_checkpoint(path, expected_kind: str | None = None, made_by: str | None = None) -> dict:
     """Load a checkpoint safely (weights_only=True, on CPU).
 
     Anything that is not a plain checkpoint dict (a pickle that would run code, a torn or garbage
     file) raises a one-line ValueError naming the file; so does a `kind` other than `expected_kind`.
+    `made_by` names the command that writes a missing checkpoint (e.g. "python train_teacher.py").
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        hint = f" yet: run {made_by} first (it writes {path.name} into its --output-dir)" if made_by else ""
+        raise FileNotFoundError(f"checkpoint {path} does not exist{hint}")
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path} is not a valid checkpoint (refused by torch.load(weights_only=True): "
                          f"{reason})") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise ValueError(f"{path} is not a valid checkpoint (expected a dict with a 'kind' field)")
+    missing = [k for k in ("kind", "model", "args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or not isinstance(ckpt["args"], dict):
+        raise ValueError(f"{path} is not a valid checkpoint (expected a dict with 'kind', 'model' and 'args' "
+                         f"fields{', missing ' + ', '.join(missing) if missing and isinstance(ckpt, dict) else ''})")
     if expected_kind is not None and ckpt["kind"] != expected_kind:
         raise ValueError(f"{path} holds a {ckpt['kind']!r} checkpoint, expected {expected_kind!r}")
     return ckpt
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+_LOCKS: dict[str, object] = {}  # output folder -> open lock file, held (flock) until this process exits
+
+
+def check_output_dir(output_dir, resume: bool, overwrite: bool) -> None:
+    """Refuse (one line, nothing touched) to start a fresh run where a finished or unfinished one lives.
+
+    Read-only, so every rank can call it before the process group exists and all fail alike.
+    """
+    out = Path(output_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
+    if resume or overwrite:
+        return
+    for name, what in ((FINAL, "a finished model"), (CHECKPOINT, "an unfinished run")):
+        if (out / name).is_file():
+            raise FileExistsError(f"{out} already holds {what} ({out / name}); add --resume to continue it, "
+                                  f"--overwrite to train again from scratch and replace it, or choose "
+                                  f"another --output-dir")
+
+
+def claim_output_dir(output_dir, resume: bool = False, overwrite: bool = False) -> None:
+    """Before the first iteration (rank 0): the refusal above, then create and test-write the folder, lock it
+    against a second writer (released when this process exits, however it exits), and with `overwrite`
+    remove the previous run's files. A second call for the same folder checks again and keeps its lock.
+    """
+    out = Path(output_dir)
+    check_output_dir(out, resume, overwrite)
+    if str(out.resolve()) not in _LOCKS:
+        _LOCKS[str(out.resolve())] = _lock_and_test(out)
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
+def _lock_and_test(out: Path):
+    """Create `out`, take OUT/.lock (flock, non-blocking) and write a test file; returns the open lock file."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "a+")
+    except OSError as e:
+        raise ValueError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        raise ValueError(f"--output-dir {out} is in use by another run (pid {owner} holds {out / LOCK}); "
+                         f"wait for it to end or choose another --output-dir") from None
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        write_json_atomic({"pid": os.getpid()}, out / ".write-test")  # the same path a checkpoint write takes
+        (out / ".write-test").unlink()
+    except OSError as e:
+        lock.close()
+        raise ValueError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
+    return lock
 
 
 # ----------------------------------------------------------------------------- RNG state as plain values
@@ -244,12 +333,14 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signal_name = None  # "SIGTERM" / "SIGINT", the first one received by this process
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def __enter__(self):
         # signal.signal only works in the main thread; elsewhere the loop simply cannot be signalled.
@@ -279,8 +370,21 @@ def _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state
     }
 
 
+def _check_finite_weights(model, iteration: int, cfg) -> None:
+    """Refuse to save NaN / inf weights (e.g. after a non-finite lr); every rank holds the same weights under
+    DDP, so all ranks raise together. One host sync: the flags of all tensors are stacked first."""
+    tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    finite = torch.stack([v.isfinite().all() for v in tensors.values()]).cpu()
+    if not finite.all():
+        name = list(tensors)[int((~finite).nonzero()[0])]
+        kept = Path(cfg.output_dir) / CHECKPOINT
+        raise FloatingPointError(f"non-finite weights after iteration {iteration} (first: {name}); not saved, "
+                                 f"{'the last checkpoint ' + str(kept) + ' is kept' if kept.exists() else 'nothing saved'}")
+
+
 def _save_checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn) -> None:
     """Every rank contributes its RNG state (one gather); rank 0 writes; the others wait at a barrier."""
+    _check_finite_weights(model, iteration, cfg)
     rng_per_rank = dist.all_gather_objects(_rng_state(cfg.device))
     if dist.is_main_process():
         ckpt = _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn)
@@ -292,6 +396,7 @@ def _save_checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_
 
 
 def _save_final(model, iteration, cfg) -> None:
+    _check_finite_weights(model, iteration, cfg)
     if dist.is_main_process():
         final = {"kind": cfg.kind, "model": model.state_dict(), "args": cfg.args, "iteration": iteration}
         save_atomic(final, Path(cfg.output_dir) / FINAL)
@@ -309,7 +414,20 @@ def _resume(model, optimizer, scheduler, scaler, cfg) -> int:
             print(f"resume: no checkpoint at {path}, starting from scratch")
         return 0
     ckpt = load_checkpoint(path, expected_kind=cfg.kind)
-    model.load_state_dict(ckpt["model"])
+    differ = _differing_args(ckpt["args"], cfg.args)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:  # another architecture: name the arguments, not 100 lines of tensor shapes
+        raise ValueError(f"--resume: {path} was trained with other arguments ({', '.join(differ) or 'same args'}); "
+                         f"resume with the checkpoint's arguments, or use --overwrite or another --output-dir "
+                         f"to start a new run") from None
+    if differ and main:
+        # The optimizer's state_dict carries its hyper-parameters, so these two stay the checkpoint's.
+        kept = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("lr", "weight_decay")
+                if any(d.startswith(f"--{k.replace('_', '-')} ") for d in differ)]
+        print(f"warning: resume: arguments differ from the checkpoint's: {', '.join(differ)}; the new values "
+              f"are used{', except the restored optimizer keeps ' + ' and '.join(kept) if kept else ''}",
+              file=sys.stderr)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler") is not None:
@@ -320,6 +438,18 @@ def _resume(model, optimizer, scheduler, scaler, cfg) -> int:
     if main:
         print(f"resume: loaded {path}, continuing at iteration {ckpt['iteration']} of {cfg.iters}")
     return int(ckpt["iteration"])
+
+
+# Arguments that may change between a run and its resume without any effect on what is computed.
+RESUME_FREE_ARGS = frozenset({"resume", "overwrite", "output_dir", "device", "workers", "log_period",
+                              "checkpoint_period", "no_eval", "eval_batch_size", "max_images", "compile", "iters"})
+
+
+def _differing_args(saved: dict, current: dict) -> list[str]:
+    """'--name new (checkpoint: old)' for each argument that differs, except RESUME_FREE_ARGS."""
+    keys = sorted((saved.keys() & current.keys()) - RESUME_FREE_ARGS)
+    return [f"--{k.replace('_', '-')} {current[k]} (checkpoint: {saved[k]})" for k in keys
+            if saved[k] != current[k] and not (isinstance(saved[k], (list, tuple)) and list(saved[k]) == list(current[k] or []))]
 
 
 class _Logger:
@@ -403,14 +533,22 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
 
     Returns {"iterations": completed iterations in total, "start_iteration", "final_loss" (global mean
     total loss of the last iteration run, None if none ran), "stopped" (True after SIGTERM/SIGINT),
-    "time_s"}. Raises FloatingPointError on a non-finite loss, before that step changes the weights.
+    "signal" ("SIGTERM" / "SIGINT" when stopped, else None), "time_s"}. Raises FloatingPointError on a
+    non-finite loss, before that step changes the weights, and on non-finite weights, before saving them.
     """
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     main = dist.is_main_process()
+    if main:
+        claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
+    if cfg.device.type == "cpu":
+        # Denormal floats (e.g. tiny gradients of fresh weights) are ~10x slower on x86 CPUs; flushing them
+        # to zero changes no loss beyond float rounding. Process-wide, as every CPU tensor op is affected.
+        torch.set_flush_denormal(True)
     scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
     amp_dtype = AMP_DTYPES[cfg.amp]
     start_iter = _resume(model, optimizer, scheduler, scaler, cfg)
     logger = _Logger(cfg, enabled=main)
+    if main and start_iter == 0:
+        logger.path.unlink(missing_ok=True)  # a run killed before its first checkpoint leaves a stale log
     bar = tqdm(total=cfg.iters, initial=start_iter, desc=cfg.kind, dynamic_ncols=True,
                disable=True if not main else None)  # None: tqdm disables itself when not a tty
     model.train()
@@ -449,10 +587,12 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
             if stopped:
                 break
 
+    signal_name = (stop.signal_name or "SIGTERM") if stopped else None  # a rank told by another: SIGTERM
     if stopped:
         if main:
-            print(f"stop requested: saved {Path(cfg.output_dir) / CHECKPOINT} at iteration {done}", file=sys.stderr)
+            print(f"stop requested ({signal_name}): saved {Path(cfg.output_dir) / CHECKPOINT} at iteration {done}",
+                  file=sys.stderr)
     else:
         _save_final(model, done, cfg)
     return {"iterations": done, "start_iteration": start_iter, "final_loss": final_loss, "stopped": stopped,
-            "time_s": time.perf_counter() - t_start}
+            "signal": signal_name, "time_s": time.perf_counter() - t_start}

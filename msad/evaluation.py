@@ -6,6 +6,7 @@ so numbers are comparable with the paper's Table 1-4 (COCO val2017 box AP).
 import contextlib
 import io
 import json
+import math
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from . import dist
+from .data import _column, _int_ids
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -74,6 +76,10 @@ def evaluate(model, loader, dataset, device, output_dir=None, amp="none"):
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "detections.json"), "w") as f:
             json.dump(results, f)
+    if not dataset.coco.dataset.get("annotations"):  # e.g. test-dev image info: inference only
+        print(f"{dataset.ann_file} has no annotations: no ground truth to score, detections written"
+              f"{' to ' + os.path.join(output_dir, 'detections.json') if output_dir else ''}", flush=True)
+        return {"images": len(image_ids), "ground_truth": False}
     return coco_evaluate(dataset.coco, results, image_ids) | {"images": len(image_ids)}
 
 
@@ -95,6 +101,27 @@ def load_results(path: str) -> list:
         if len(r["bbox"]) != 4:
             raise ValueError(f"--detections {path}: detection {i} bbox must be [x, y, w, h]")
     return results
+
+
+def check_results(results: list, path: str, gt) -> None:
+    """Every detection names an image and a category of the ground truth `gt` (a CocoDetection), with
+    integer ids and finite numbers as score and box; else one ValueError naming the detection and field."""
+    where = f"--detections {path}"
+    if not results:
+        return
+    for key, known in (("image_id", gt.image_ids), ("category_id", gt.cat_ids)):
+        ids = _int_ids(results, key, where, "detections")  # N
+        unknown = np.flatnonzero(~np.isin(ids, np.asarray(known, dtype=np.int64)))
+        if unknown.size:
+            raise ValueError(f"{where}: detections[{unknown[0]}] has {key} {ids[unknown[0]]}, "
+                             f"which is not in {gt.ann_file}")
+    for key in ("score", "bbox"):
+        values = _column(results, key, object, where, "detections").reshape(len(results), -1)  # N x 1 or N x 4
+        ok = np.fromiter((type(v) in (int, float) and math.isfinite(v) for v in values.ravel()), dtype=bool,
+                         count=values.size).reshape(values.shape).all(axis=1)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"{where}: detections[{i}] field '{key}' must hold finite numbers, got {results[i][key]!r}")
 
 
 def visualize(dataset, results, out_dir: str, count: int, min_score: float = 0.3) -> list:

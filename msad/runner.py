@@ -4,29 +4,67 @@ train_teacher.py and train_student.py differ only in the model they build and th
 everything around that lives here, once.
 """
 import os
+import signal
+import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist, engine
 from .align import HR_PAD
-from .cli import data_paths, print_metrics_line, seed_everything
+from .cli import PRESETS, data_paths, print_metrics_line, seed_everything
 from .data import CocoDetection, build_eval_loader, build_train_loader
 from .evaluation import evaluate
 
 
-def start(args) -> dist.DistInfo:
-    """Process group, per-process batch check, seeds, and the demo data (generated once, by rank 0)."""
-    if hasattr(args, "batch_size"):  # checked before the process group exists: every rank fails the same way
+def start(args, training: bool = True) -> dist.DistInfo:
+    """Everything that can fail before the first iteration, in the first seconds.
+
+    The per-process batch and the output folder (refusal to replace a run, test write, lock) are checked
+    before the process group exists, so every rank fails the same way. Then seeds, the demo data (generated
+    once, by rank 0, and only at its default location) and, for training, the val set is parsed now rather
+    than after the training. `training` is False for evaluate.py.
+    """
+    if training:
         args.batch_per_process = dist.check_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
+        engine.check_output_dir(args.output_dir, args.resume, args.overwrite)
+        if int(os.environ.get("RANK", 0)) == 0:
+            engine.claim_output_dir(args.output_dir, args.resume, args.overwrite)
     info = dist.init_distributed(args.device)
     seed_everything(args.seed, info.rank)
-    if args.preset == "demo" and not (args.train_ann or args.val_ann):
+    check_data_root(args, info, training)
+    if training and not args.no_eval:
+        val_dataset(args)  # a bad val json fails now; parsed again (quickly) for the final evaluation
+    return info
+
+
+DEMO_ROOT = os.path.normpath(PRESETS["demo"]["common"]["data_root"])  # the only folder ever generated
+
+
+def check_data_root(args, info: dist.DistInfo, training: bool) -> None:
+    """Generate the demo data at its default location (training only); any other missing root is an error.
+
+    A mistyped COCO path, or a COCO root without --preset coco, must not silently become synthetic data.
+    """
+    splits = ("train", "val") if training else ("val",)
+    if all(getattr(args, f"{s}_{k}") for s in splits for k in ("ann", "images")):
+        return  # every path given explicitly: the root is not used
+    root = args.data_root
+    if training and args.preset == "demo" and os.path.normpath(root) == DEMO_ROOT:
         if info.is_main:
             from .synthetic import ensure_synthetic
-            ensure_synthetic(args.data_root)
+            ensure_synthetic(root)
         dist.barrier()
-    return info
+        return
+    if not os.path.isdir(root):
+        hint = (" (generated only by train_teacher.py run from the repository folder)" if
+                os.path.normpath(root) == DEMO_ROOT else "; for COCO add --preset coco and check the path"
+                if "coco" in root.lower() else "")
+        raise FileNotFoundError(f"--data-root {root} does not exist{hint}")
+    synthetic = os.path.isfile(os.path.join(root, "meta.json"))  # ours: written by msad.synthetic
+    if args.preset == "demo" and not synthetic and os.path.isdir(os.path.join(root, "annotations")) and info.is_main:
+        print(f"warning: the demo preset (a small CPU model) on {root}; add --preset coco for the paper's recipe",
+              file=sys.stderr)
 
 
 def train_dataset(args) -> CocoDetection:
@@ -74,7 +112,8 @@ def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, extra
 
     cfg = engine.TrainConfig(output_dir=args.output_dir, iters=args.iters, kind=kind, args=plain_args(args),
                              checkpoint_period=args.checkpoint_period, log_period=args.log_period,
-                             clip_grad=args.clip_grad, amp=args.amp, resume=args.resume, device=info.device)
+                             clip_grad=args.clip_grad, amp=args.amp, resume=args.resume,
+                             overwrite=args.overwrite, device=info.device)
     return engine.train(step_fn, model, optimizer, scheduler, data_iter, cfg, extra_state_fn)
 
 
@@ -86,7 +125,10 @@ def evaluate_model(args, info, model, test_size=None, output_dir=None):
 
 
 def finish(args, info, model, result: dict, extra: dict | None = None) -> dict | None:
-    """Final evaluation (unless --no-eval or stopped early), metrics.json and the final JSON line on rank 0."""
+    """Final evaluation (unless --no-eval or stopped early), metrics.json and the final JSON line on rank 0.
+
+    A run stopped by SIGINT / SIGTERM (checkpoint saved) then exits 130 / 143, its last line saying how to resume.
+    """
     metrics = {"output_dir": args.output_dir, **{k: v for k, v in result.items() if not isinstance(v, dict)}}
     if not args.no_eval and not result.get("stopped"):
         ap = evaluate_model(args, info, model, output_dir=args.output_dir)
@@ -97,6 +139,13 @@ def finish(args, info, model, result: dict, extra: dict | None = None) -> dict |
         engine.write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
     dist.cleanup()
+    if result.get("stopped"):  # not 0: `train_teacher.py && train_student.py` must not go on with no teacher
+        code = 128 + signal.Signals[result["signal"]]  # 130 after SIGINT, 143 after SIGTERM (shell convention)
+        if info.is_main:
+            print(f"interrupted by {result['signal']} at iteration {result['iterations']} of {args.iters}: "
+                  f"rerun the same command with --resume to continue from "
+                  f"{os.path.join(args.output_dir, engine.CHECKPOINT)}", file=sys.stderr, flush=True)
+        raise SystemExit(code)
     return metrics if info.is_main else None
 
 
