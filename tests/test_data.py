@@ -2,6 +2,7 @@
 the deterministic distributed sampler, and the one-line DatasetError messages."""
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +267,70 @@ def test_image_folder_checked_for_training_only(coco, tmp_path):
         CocoDetection(coco[0], str(tmp_path / "missing"), train=True, sizes=[20], max_size=100)
     ds = CocoDetection(coco[0], "", train=False, sizes=[20], max_size=100)  # scoring a results file: json only
     assert len(ds.coco.getAnnIds()) == len(ANNOTATIONS)
+
+
+# -- ids and images that used to corrupt data silently (issue 14) -------------------------------------
+@pytest.mark.parametrize("edit, words, train", [
+    (lambda d: d["annotations"][0].update(category_id="3"), ["annotations[0]", "'category_id'", "'3'"], True),
+    (lambda d: d["images"][1].update(id="2"), ["images[1]", "'id'", "'2'"], False),
+    (lambda d: d["annotations"][2].update(image_id=5.5), ["annotations[2]", "'image_id'", "5.5"], True),
+    (lambda d: d["categories"][0].update(id=True), ["categories[0]", "'id'", "True"], True),
+    (lambda d: d["annotations"][4].update(id=1), ["annotations", "duplicate id 1"], False),
+    (lambda d: d["annotations"][3].pop("id"), ["annotations[3]", "'id'"], False),
+])
+def test_ids_must_be_unique_integers(coco, edit, words, train):
+    check_error(*rewrite(coco, edit), *words, train=train)
+
+
+def test_ids_at_or_above_2_pow_53_stay_distinct(coco):
+    big = 2 ** 53  # as float64, 2**53 and 2**53 + 1 are the same number
+
+    def edit(d):
+        d["images"][0]["id"], d["images"][1]["id"] = big, big + 1  # images 5 and 2
+        for a in d["annotations"]:
+            a["image_id"] = {5: big, 2: big + 1}.get(a["image_id"], a["image_id"])
+            a["id"] += big
+    ds = CocoDetection(*rewrite(coco, edit), train=False, sizes=[20], max_size=100)
+    assert big in ds.image_ids and big + 1 in ds.image_ids and len(ds) == len(IMAGES)
+
+
+def test_16_bit_png_is_scaled_not_clipped(coco):
+    ann_file, image_dir, _ = coco
+    grey = (np.arange(40 * 60, dtype=np.uint32).reshape(40, 60) * 27).astype(np.uint16)  # 0..64773
+    Image.fromarray(grey).save(f"{image_dir}/5.png")  # mode I;16
+    image, _ = eval_set(coco, sizes=[40])[eval_set(coco).image_ids.index(5)]
+    expected = torch.from_numpy(np.round(grey / 257.0).astype(np.uint8))
+    assert (image[0].int() - expected.int()).abs().max() <= 1 and (image[0] == image[2]).all()
+    assert image.float().mean() < 200  # not all white
+
+
+def test_exif_orientation_is_applied(coco):
+    """A JPEG stored 60 wide x 40 high with orientation 6 (rotate 90 deg clockwise) is a 40 x 60 image: the
+    json's size. A red block at the stored top-left must come out at the top-right, where the boxes are."""
+    ann_file, image_dir, data = coco
+    stored = np.zeros((40, 60, 3), dtype=np.uint8)
+    stored[:10, :10] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(f"{image_dir}/2.jpg", exif=exif.tobytes(), quality=95)
+    ann_file, image_dir = rewrite(coco, lambda d: d["images"][1].update(file_name="2.jpg", width=40, height=60))
+    ds = CocoDetection(ann_file, image_dir, train=False, sizes=[40], max_size=100)
+    image, target = ds[ds.image_ids.index(2)]
+    assert target["size"] == (60, 40) and tuple(image.shape) == (3, 60, 40)
+    assert image[0, :10, -10:].float().mean() > 200 and image[0, :10, :10].float().mean() < 50
+
+
+def test_links_out_of_the_image_folder_and_fifos_are_not_opened(coco, tmp_path):
+    ann_file, image_dir, _ = coco
+    outside = tmp_path / "secret.png"
+    Path(image_dir, "5.png").rename(outside)
+    Path(image_dir, "5.png").symlink_to(outside)  # a valid image, but outside the folder
+    with pytest.raises(DatasetError, match="outside the image folder"):
+        eval_set(coco)[eval_set(coco).image_ids.index(5)]
+    Path(image_dir, "7.png").rename(Path(image_dir, "real7.png"))
+    Path(image_dir, "7.png").symlink_to("real7.png")  # a link that stays inside is fine
+    assert eval_set(coco)[eval_set(coco).image_ids.index(7)][1]["image_id"] == 7
+    Path(image_dir, "9.png").unlink()
+    os.mkfifo(Path(image_dir, "9.png"))  # opening it would wait forever for a writer
+    with pytest.raises(DatasetError, match="not a regular file"):
+        eval_set(coco)[eval_set(coco).image_ids.index(9)]

@@ -363,3 +363,102 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, capsys):
     straight = engine.load_checkpoint(tmp_path / "straight" / "model_final.pth")
     for name, a in straight["model"].items():
         torch.testing.assert_close(final["model"][name], a, rtol=0, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- safe runs (issue 14)
+
+def test_a_finished_or_unfinished_run_is_not_replaced_without_overwrite(tmp_path):
+    run_toy(tmp_path, iters=3)
+    before = sha(tmp_path / "model_final.pth")
+    with pytest.raises(FileExistsError, match="finished model") as e:
+        run_toy(tmp_path, iters=2)
+    assert all(w in str(e.value) for w in ("--resume", "--overwrite", "--output-dir"))
+    assert sha(tmp_path / "model_final.pth") == before  # untouched
+    (tmp_path / "model_final.pth").unlink()  # what an interrupted run leaves: checkpoint.pth only
+    with pytest.raises(FileExistsError, match="unfinished run"):
+        run_toy(tmp_path, iters=2)
+    with pytest.raises(ValueError, match="give one of them"):
+        run_toy(tmp_path, iters=2, resume=True, overwrite=True)
+    result, _ = run_toy(tmp_path, iters=2, overwrite=True)  # from scratch, replacing the run
+    assert result["start_iteration"] == 0
+    assert engine.load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 2
+    assert [r["iter"] for r in read_log(tmp_path)] == [2]  # the old run's log lines are gone
+
+
+def test_second_writer_is_refused_and_unwritable_dir_fails_first(tmp_path):
+    import fcntl
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / engine.LOCK, "w") as held:  # another process's lock (flock: per open file)
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="in use by another run .pid 4242"):
+            run_toy(out, iters=1)
+    assert not (out / "log.jsonl").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not writable"):
+        engine.claim_output_dir(tmp_path / "file" / "out")
+
+
+def test_nan_lr_never_saves_non_finite_weights(tmp_path):
+    model, optimizer, scheduler = toy_train.build(lr=float("nan"))
+    cfg = engine.TrainConfig(output_dir=str(tmp_path), iters=1, kind="fcos", args={}, checkpoint_period=1)
+    with pytest.raises(FloatingPointError, match="non-finite weights after iteration 1"):
+        engine.train(toy_train.make_step_fn(model), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
+    assert not (tmp_path / "checkpoint.pth").exists() and not (tmp_path / "model_final.pth").exists()
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    import errno
+    engine.save_atomic({"kind": "fcos", "model": {}, "args": {}}, tmp_path / "checkpoint.pth")
+    before = sha(tmp_path / "checkpoint.pth")
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(engine.DiskFullError, match="disk full.*checkpoint.pth.*previous checkpoint.pth is kept"):
+        engine.save_atomic({}, tmp_path / "checkpoint.pth")
+    assert sha(tmp_path / "checkpoint.pth") == before
+
+
+def test_resume_with_other_arguments_names_them(tmp_path, capsys):
+    def run(width, lr, **kw):
+        model, optimizer, scheduler = toy_train.build(width=width, lr=lr)
+        cfg = engine.TrainConfig(output_dir=str(tmp_path), iters=3, kind="fcos", resume=True,
+                                 args={"width": width, "lr": lr, "workers": 0}, **kw)
+        return engine.train(toy_train.make_step_fn(model), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
+
+    run(8, 0.05, checkpoint_period=1)
+    (tmp_path / "model_final.pth").unlink()
+    with pytest.raises(ValueError, match=r"--width 16 \(checkpoint: 8\)") as e:  # shapes differ: cannot load
+        run(16, 0.05)
+    assert "\n" not in str(e.value) and "--lr" not in str(e.value)
+    capsys.readouterr()
+    run(8, 0.2)  # loads: the lr differs, and the restored optimizer keeps its own
+    err = capsys.readouterr().err
+    assert "--lr 0.2 (checkpoint: 0.05)" in err and "keeps --lr 0.05" in err
+
+
+def test_sigint_is_reported_and_cpu_training_flushes_denormals(tmp_path):
+    def hook(it, losses):
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    torch.set_flush_denormal(False)
+    try:
+        result, _ = run_toy(tmp_path, iters=50, hook=hook)
+        assert result["stopped"] and result["signal"] == "SIGINT"
+        assert (torch.tensor([1e-40]) * 1.0).item() == 0.0  # a denormal is flushed to zero
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_checkpoint_without_args_is_refused_in_one_line(tmp_path):
+    torch.save({"kind": "teacher", "model": {}}, tmp_path / "c.pth")
+    with pytest.raises(ValueError, match="missing args"):
+        engine.load_checkpoint(tmp_path / "c.pth")
+    with pytest.raises(FileNotFoundError, match="does not exist yet: run python train_teacher.py first"):
+        engine.load_checkpoint(tmp_path / "model_final.pth", "teacher", made_by="python train_teacher.py")
