@@ -241,7 +241,7 @@ class CocoDetection(torch.utils.data.Dataset):
         a_cat = _int_ids(anns, "category_id", f, "annotations")
         if not self.train:  # COCOeval indexes ground truth by annotation id: each must be a unique integer
             _unique_sorted(_int_ids(anns, "id", f, "annotations"), f, "annotations")
-        bbox = _column(anns, "bbox", np.float64, f, "annotations").reshape(len(anns), -1)  # N x 4, xywh
+        bbox = _column(anns, "bbox", np.float64, f, "annotations").reshape(len(anns), -1 if anns else 4)  # N x 4, xywh
         if bbox.shape[1] != 4:
             raise DatasetError(f"{f}: annotations[0] field 'bbox' must be [x, y, width, height]")
         crowd = np.asarray([a.get("iscrowd", 0) for a in anns], dtype=bool)

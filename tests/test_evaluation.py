@@ -97,3 +97,21 @@ def test_ground_truth_without_area_field_still_evaluates(tmp_path, capsys):
     dets.write_text(json.dumps(ground_truth_as_detections(data)))
     metrics = run_evaluate(["--detections", str(dets), "--val-ann", ann, "--output-dir", str(tmp_path / "o")], capsys)
     assert metrics["AP"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d.update(image_id=12345), ["detections[0]", "image_id 12345", "not in"]),
+    (lambda d: d.update(image_id="5"), ["detections[0]", "'image_id'", "integer"]),
+    (lambda d: d.update(category_id=99), ["detections[0]", "category_id 99"]),
+    (lambda d: d.update(score="0.9"), ["detections[0]", "'score'", "'0.9'"]),
+    (lambda d: d.update(bbox=[0, 0, float("nan"), 1]), ["detections[0]", "'bbox'"]),
+])
+def test_detections_that_do_not_fit_the_ground_truth_are_one_line(tmp_path, edit, words):
+    ann, _, data = clean_coco(tmp_path)
+    dets = ground_truth_as_detections(data)
+    edit(dets[0])
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    with pytest.raises(ValueError) as err:
+        evaluate.main(["--detections", str(tmp_path / "dets.json"), "--val-ann", ann, "--output-dir",
+                       str(tmp_path / "o")])
+    assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)

@@ -110,3 +110,135 @@ def test_a_half_size_that_breaks_alignment_is_refused(demo):
     proc = run("train_teacher.py", *TINY, *data_flags(demo["data"]), "--iters", 1, "--train-sizes", "16",
                "--output-dir", demo["tmp"] / "bad5")
     one_line_error(proc, "--train-sizes")
+
+
+# -- safe runs (issue 14) -------------------------------------------------------------------------------
+def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(demo):
+    """What scancel / kill -TERM -PGID do: the loader workers get the signal too, and must not die of it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from scripts_common import ROOT
+    out = demo["tmp"] / "sigterm"
+    args = [*TINY, *data_flags(demo["data"]), "--iters", 100000, "--checkpoint-period", 100000, "--workers", 2,
+            "--output-dir", out]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_teacher.py"), *map(str, args)], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.jsonl").exists():  # training (and its workers) running
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process and both workers
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "SIGTERM" in last and "--resume" in last, last
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    assert metrics["stopped"] and torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == \
+        metrics["iterations"] > 0
+    # a plain rerun must not start over the unfinished run
+    one_line_error(run("train_teacher.py", *args), "unfinished run", "--resume", "--overwrite")
+
+
+def test_rerun_into_a_finished_run_is_refused_in_one_line(demo):
+    out = demo["tmp"] / "teacher"
+    before = (out / "model_final.pth").read_bytes()
+    proc = run("train_teacher.py", *TINY, *data_flags(demo["data"]), "--iters", 2, "--output-dir", out)
+    one_line_error(proc, "finished model", "--resume", "--overwrite", "--output-dir")
+    assert (out / "model_final.pth").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--iters", "0"], ["--iters 0"]), (["--iters", "-5"], ["--iters -5"]), (["--lr", "nan"], ["--lr nan"]),
+    (["--lr", "0"], ["--lr 0"]), (["--eval-batch-size", "0"], ["--eval-batch-size 0"]),
+    (["--max-size", "0"], ["--max-size"]), (["--fpn-channels", "0"], ["--fpn-channels 0"]),
+    (["--max-images", "0"], ["--max-images 0"]), (["--device", "gpu"], ["--device gpu"]),
+    (["--amp", "fp16", "--device", "cpu"], ["--amp fp16", "CUDA"]),
+])
+def test_bad_arguments_are_refused_before_any_work(flags, words, capsys):
+    import train_teacher
+    with pytest.raises(SystemExit) as e:
+        train_teacher.parse_args(flags)
+    message = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error:") and all(w in message for w in words), message
+
+
+def test_freeze_at_out_of_range_and_cuda_without_cuda_are_refused(capsys):
+    import train_teacher
+    with pytest.raises(SystemExit):
+        train_teacher.parse_args(["--freeze-at", "9"])
+    assert "--freeze-at" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            train_teacher.parse_args(["--device", "cuda"])
+
+
+def test_missing_data_root_is_an_error_not_generated_data(tmp_path, monkeypatch):
+    import evaluate
+    import train_teacher
+    with pytest.raises(FileNotFoundError, match="data/cocoo does not exist.*--preset coco"):
+        train_teacher.main(["--data-root", str(tmp_path / "data/cocoo"), "--output-dir", str(tmp_path / "out"),
+                            "--device", "cpu"])
+    assert not (tmp_path / "data").exists()
+    monkeypatch.chdir(tmp_path)  # evaluate.py run from another folder, on a demo checkpoint
+    ckpt = {"kind": "student", "model": {}, "args": {"preset": "demo", "data_root": "data/synthetic"}}
+    torch.save(ckpt, tmp_path / "student.pth")
+    with pytest.raises(FileNotFoundError, match="data/synthetic does not exist"):
+        evaluate.main(["--checkpoint", str(tmp_path / "student.pth"), "--device", "cpu"])
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_bad_val_json_fails_before_the_first_iteration(demo, tmp_path):
+    with open(f"{demo['data']}/annotations/instances_val2017.json") as f:
+        val = json.load(f)
+    val["images"][0]["id"] = str(val["images"][0]["id"])
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    flags = data_flags(demo["data"])
+    flags[flags.index("--val-ann") + 1] = str(tmp_path / "val.json")
+    proc = run("train_teacher.py", *TINY, *flags, "--iters", 2, "--output-dir", tmp_path / "out")
+    one_line_error(proc, "val.json", "images[0]", "'id'")
+    assert not (tmp_path / "out" / "log.jsonl").exists()  # no iteration ran
+
+
+def test_evaluate_without_ground_truth_writes_detections_and_says_so(demo, tmp_path, capsys):
+    import evaluate
+    with open(f"{demo['data']}/annotations/instances_val2017.json") as f:
+        val = json.load(f)
+    del val["annotations"]
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    metrics = evaluate.main(["--checkpoint", str(demo["tmp"] / "student" / "model_final.pth"), "--val-ann",
+                             str(tmp_path / "val.json"), "--output-dir", str(tmp_path / "o"), "--device", "cpu",
+                             "--workers", "0"])
+    assert metrics["ground_truth"] is False and metrics["images"] == len(val["images"])
+    assert "no ground truth" in capsys.readouterr().out
+    assert isinstance(json.loads((tmp_path / "o" / "detections.json").read_text()), list)
+
+
+def test_evaluate_checks_its_output_folders_first_and_names_the_missing_teacher(tmp_path):
+    import train_student
+    (tmp_path / "file").write_text("")
+    proc = run("evaluate.py", "--vis", tmp_path / "file", "--output-dir", tmp_path / "o", "--device", "cpu")
+    one_line_error(proc, "--vis", "cannot create")
+    with pytest.raises(FileNotFoundError, match="does not exist yet: run python train_teacher.py first"):
+        train_student.main(["--teacher", str(tmp_path / "t.pth"), "--output-dir", str(tmp_path / "s")])
+
+
+def test_a_run_stopped_by_ctrl_c_exits_130_with_the_resume_hint_last(tmp_path, capsys):
+    import argparse
+    from msad import dist, runner
+    args = argparse.Namespace(output_dir=str(tmp_path), no_eval=False, iters=10)
+    info = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    result = {"iterations": 4, "start_iteration": 0, "final_loss": 1.0, "stopped": True, "signal": "SIGINT"}
+    with pytest.raises(SystemExit) as e:
+        runner.finish(args, info, None, result, {"kind": "teacher"})
+    assert e.value.code == 130
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["stopped"] is True
+    assert "SIGINT" in err.strip().splitlines()[-1] and "--resume" in err.strip().splitlines()[-1]
