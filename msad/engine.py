@@ -249,17 +249,14 @@ def check_output_dir(output_dir, resume: bool, overwrite: bool) -> None:
 
 
 def claim_output_dir(output_dir, resume: bool = False, overwrite: bool = False) -> None:
-    """Before the first iteration (rank 0): the refusal above, then create and test-write the folder, lock it
-    against a second writer (released when this process exits, however it exits), and with `overwrite`
-    remove the previous run's files. A second call for the same folder checks again and keeps its lock.
+    """Before any work (rank 0): the refusal above, then create and test-write the folder and lock it against
+    a second writer (released when this process exits, however it exits). A second call for the same folder
+    checks again and keeps its lock. `train` removes an overwritten run's files just before its first step.
     """
     out = Path(output_dir)
     check_output_dir(out, resume, overwrite)
     if str(out.resolve()) not in _LOCKS:
         _LOCKS[str(out.resolve())] = _lock_and_test(out)
-    if overwrite:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
 
 
 def _lock_and_test(out: Path):
@@ -442,7 +439,8 @@ def _resume(model, optimizer, scheduler, scaler, cfg) -> int:
 
 # Arguments that may change between a run and its resume without any effect on what is computed.
 RESUME_FREE_ARGS = frozenset({"resume", "overwrite", "output_dir", "device", "workers", "log_period",
-                              "checkpoint_period", "no_eval", "eval_batch_size", "max_images", "compile", "iters"})
+                              "checkpoint_period", "no_eval", "eval_batch_size", "max_images", "compile", "iters",
+                              "batch_per_process"})  # derived: --batch-size over another number of processes
 
 
 def _differing_args(saved: dict, current: dict) -> list[str]:
@@ -539,6 +537,8 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     main = dist.is_main_process()
     if main:
         claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
+        for name in RUN_FILES if cfg.overwrite else ():  # the replaced run: nothing of it may be mistaken for ours
+            (Path(cfg.output_dir) / name).unlink(missing_ok=True)
     if cfg.device.type == "cpu":
         # Denormal floats (tiny values, e.g. in the gradients of fresh weights) can slow CPU kernels many times
         # on some x86 CPUs; flushing them to zero leaves the losses unchanged (the demo's first 40 are equal
