@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import torch
 
+from .engine import DiskFullError
 from .models import ModelConfig
 
 COCO_SIZES = tuple(range(640, 801, 32))  # method.md Sec. 3: short side drawn from {640, 672, ..., 800}
@@ -198,7 +199,7 @@ def print_metrics_line(metrics: dict):
 
 
 # Errors a user can cause (bad data, flags, files, a diverging run): reported in one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, DiskFullError)
 
 
 def run_script(main, argv=None):

@@ -155,10 +155,13 @@ class DiskFullError(OSError):
     """No space left (or quota exceeded) while writing a file; reported in one line by cli.run_script."""
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    # torch.save reports a failed write as a RuntimeError around the OSError, so look at the message too.
-    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-        isinstance(e, RuntimeError) and ("No space left" in str(e) or "quota exceeded" in str(e).lower()))
+def _is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT, raised as is or wrapped (torch.save's writer may report it as a RuntimeError)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _write_atomic(path, write) -> None:

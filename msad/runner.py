@@ -59,7 +59,8 @@ def check_data_root(args, info: dist.DistInfo, training: bool) -> None:
     if not os.path.isdir(root):
         hint = (" (generated only by train_teacher.py run from the repository folder)" if
                 os.path.normpath(root) == DEMO_ROOT else "; for COCO add --preset coco and check the path"
-                if "coco" in root.lower() else "")
+                if "coco" in root.lower() and args.preset != "coco" else
+                " (expected annotations/instances_{train,val}2017.json, train2017/ and val2017/ under it)")
         raise FileNotFoundError(f"--data-root {root} does not exist{hint}")
     synthetic = os.path.isfile(os.path.join(root, "meta.json"))  # ours: written by msad.synthetic
     if args.preset == "demo" and not synthetic and os.path.isdir(os.path.join(root, "annotations")) and info.is_main:
