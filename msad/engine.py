@@ -10,12 +10,11 @@ Robustness contract of `train`:
     stop together on SIGTERM / SIGINT (checkpoint saved, return with the signal's name);
   * checkpoints are written atomically (temp file, fsync, rename), so a kill at any moment leaves either
     the previous checkpoint or the new one, never a torn file; non-finite weights are never saved;
-  * `claim_output_dir` refuses to replace a finished or unfinished run unless told to (resume / overwrite),
-    test-writes the folder and takes a lock there, all before the first iteration;
+  * the output folder is claimed first (msad/outdir.py): a finished or unfinished run is not replaced
+    unless told to (resume / overwrite), the folder is test-written and locked against a second writer;
   * everything saved loads with torch.load(weights_only=True): plain tensors and Python values only.
 """
 import errno
-import fcntl
 import functools
 import json
 import math
@@ -35,13 +34,11 @@ from torch import nn
 from tqdm import tqdm
 
 from . import dist
+from .outdir import CHECKPOINT, FINAL, claim_output_dir
 
 KINDS = ("fcos", "teacher", "student")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECKPOINT = "checkpoint.pth"
-FINAL = "model_final.pth"
 LOG = "log.jsonl"
-LOCK = ".lock"
 RUN_FILES = (FINAL, CHECKPOINT, LOG, "metrics.json")  # what --overwrite replaces
 
 
@@ -227,67 +224,6 @@ def load_checkpoint(path, expected_kind: str | None = None, made_by: str | None 
     if expected_kind is not None and ckpt["kind"] != expected_kind:
         raise ValueError(f"{path} holds a {ckpt['kind']!r} checkpoint, expected {expected_kind!r}")
     return ckpt
-
-
-# ----------------------------------------------------------------------------- the output folder
-
-_LOCKS: dict[str, object] = {}  # output folder -> open lock file, held (flock) until this process exits
-
-
-def check_output_dir(output_dir, resume: bool, overwrite: bool) -> None:
-    """Refuse (one line, nothing touched) to start a fresh run where a finished or unfinished one lives.
-
-    Read-only, so every rank can call it before the process group exists and all fail alike.
-    """
-    out = Path(output_dir)
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
-    if resume or overwrite:
-        return
-    for name, what in ((FINAL, "a finished model"), (CHECKPOINT, "an unfinished run")):
-        if (out / name).is_file():
-            raise FileExistsError(f"{out} already holds {what} ({out / name}); add --resume to continue it, "
-                                  f"--overwrite to train again from scratch and replace it, or choose "
-                                  f"another --output-dir")
-
-
-def claim_output_dir(output_dir, resume: bool = False, overwrite: bool = False) -> None:
-    """Before any work (rank 0): the refusal above, then create and test-write the folder and lock it against
-    a second writer (released when this process exits, however it exits). A second call for the same folder
-    checks again and keeps its lock. `train` removes an overwritten run's files just before its first step.
-    """
-    out = Path(output_dir)
-    check_output_dir(out, resume, overwrite)
-    if str(out.resolve()) not in _LOCKS:
-        _LOCKS[str(out.resolve())] = _lock_and_test(out)
-
-
-def _lock_and_test(out: Path):
-    """Create `out`, take OUT/.lock (flock, non-blocking) and write a test file; returns the open lock file."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / LOCK, "a+")
-    except OSError as e:
-        raise ValueError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        owner = lock.read().strip() or "?"
-        lock.close()
-        raise ValueError(f"--output-dir {out} is in use by another run (pid {owner} holds {out / LOCK}); "
-                         f"wait for it to end or choose another --output-dir") from None
-    try:
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        write_json_atomic({"pid": os.getpid()}, out / ".write-test")  # the same path a checkpoint write takes
-        (out / ".write-test").unlink()
-    except OSError as e:
-        lock.close()
-        raise ValueError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
-    return lock
 
 
 # ----------------------------------------------------------------------------- RNG state as plain values

@@ -10,7 +10,7 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import dist, engine
+from . import dist, engine, outdir
 from .align import HR_PAD
 from .cli import PRESETS, data_paths, print_metrics_line, seed_everything
 from .data import CocoDetection, build_eval_loader, build_train_loader
@@ -27,9 +27,9 @@ def start(args, training: bool = True) -> dist.DistInfo:
     """
     if training:
         args.batch_per_process = dist.check_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
-        engine.check_output_dir(args.output_dir, args.resume, args.overwrite)
+        outdir.check_output_dir(args.output_dir, args.resume, args.overwrite)
         if int(os.environ.get("RANK", 0)) == 0:
-            engine.claim_output_dir(args.output_dir, args.resume, args.overwrite)
+            outdir.claim_output_dir(args.output_dir, args.resume, args.overwrite)
     info = dist.init_distributed(args.device)
     seed_everything(args.seed, info.rank)
     check_data_root(args, info, training)

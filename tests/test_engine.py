@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from msad import engine
+from msad import engine, outdir
 
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
@@ -389,7 +389,7 @@ def test_second_writer_is_refused_and_unwritable_dir_fails_first(tmp_path):
     import fcntl
     out = tmp_path / "busy"
     out.mkdir()
-    with open(out / engine.LOCK, "w") as held:  # another process's lock (flock: per open file)
+    with open(out / outdir.LOCK, "w") as held:  # another process's lock (flock: per open file)
         held.write("4242\n")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -398,7 +398,7 @@ def test_second_writer_is_refused_and_unwritable_dir_fails_first(tmp_path):
     assert not (out / "log.jsonl").exists()
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not writable"):
-        engine.claim_output_dir(tmp_path / "file" / "out")
+        outdir.claim_output_dir(tmp_path / "file" / "out")
 
 
 def test_nan_lr_never_saves_non_finite_weights(tmp_path):

@@ -1,0 +1,74 @@
+"""The output folder of a training run: claimed before any work, so that no finished work is lost.
+
+A fresh run refuses a folder that holds a finished model or an unfinished run (the user chooses: --resume,
+--overwrite, or another --output-dir); the folder is created and test-written in the first second rather
+than at the first checkpoint; a lock file keeps a second run from writing into it at the same time.
+"""
+import fcntl
+import os
+from pathlib import Path
+
+CHECKPOINT = "checkpoint.pth"
+FINAL = "model_final.pth"
+LOCK = ".lock"
+
+_LOCKS: dict[str, object] = {}  # output folder -> open lock file, held (flock) until this process exits
+
+
+def check_output_dir(output_dir, resume: bool, overwrite: bool) -> None:
+    """Refuse (one line, nothing touched) to start a fresh run where a finished or unfinished one lives.
+
+    Read-only, so every rank can call it before the process group exists and all fail alike.
+    """
+    out = Path(output_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
+    if resume or overwrite:
+        return
+    for name, what in ((FINAL, "a finished model"), (CHECKPOINT, "an unfinished run")):
+        if (out / name).is_file():
+            raise FileExistsError(f"{out} already holds {what} ({out / name}); add --resume to continue it, "
+                                  f"--overwrite to train again from scratch and replace it, or choose "
+                                  f"another --output-dir")
+
+
+def claim_output_dir(output_dir, resume: bool = False, overwrite: bool = False) -> None:
+    """Before any work (rank 0): the refusal above, then create and test-write the folder and lock it against
+    a second writer (released when this process exits, however it exits, even on SIGKILL). A second call
+    for the same folder checks again and keeps its lock. engine.train removes an overwritten run's files
+    just before its first step.
+    """
+    out = Path(output_dir)
+    check_output_dir(out, resume, overwrite)
+    if str(out.resolve()) not in _LOCKS:
+        _LOCKS[str(out.resolve())] = _lock_and_test(out)
+
+
+def _lock_and_test(out: Path):
+    """Create `out`, take OUT/.lock (flock, non-blocking), write and fsync a test file; returns the lock file."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "a+")
+    except OSError as e:
+        raise ValueError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        raise ValueError(f"--output-dir {out} is in use by another run (pid {owner} holds {out / LOCK}); "
+                         f"wait for it to end or choose another --output-dir") from None
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        with open(out / ".write-test", "wb") as f:  # as a checkpoint is written: a hidden file, fsync'd
+            f.write(b"msad")
+            os.fsync(f.fileno())
+        (out / ".write-test").unlink()
+    except OSError as e:
+        lock.close()
+        raise ValueError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
+    return lock
