@@ -310,12 +310,12 @@ def _check_finite_weights(model, iteration: int, cfg) -> None:
     """Refuse to save NaN / inf weights (e.g. after a non-finite lr); every rank holds the same weights under
     DDP, so all ranks raise together. One host sync: the flags of all tensors are stacked first."""
     tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-    finite = torch.stack([v.isfinite().all() for v in tensors.values()]).cpu()
+    finite = torch.stack([v.isfinite().all() for v in tensors.values()]).cpu() if tensors else torch.ones(0)
     if not finite.all():
         name = list(tensors)[int((~finite).nonzero()[0])]
         kept = Path(cfg.output_dir) / CHECKPOINT
-        raise FloatingPointError(f"non-finite weights after iteration {iteration} (first: {name}); not saved, "
-                                 f"{'the last checkpoint ' + str(kept) + ' is kept' if kept.exists() else 'nothing saved'}")
+        raise FloatingPointError(f"non-finite weights after iteration {iteration} (first: {name}), not saved; "
+                                 f"{'the last checkpoint ' + str(kept) + ' is kept' if kept.exists() else 'no checkpoint was written'}")
 
 
 def _save_checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn) -> None:
