@@ -9,16 +9,19 @@ COCO on 8 GPUs (students: batch 16, 90k iterations):
     torchrun --nproc_per_node 8 train_student.py --preset coco --data-root data/coco \
         --teacher runs/coco_teacher/model_final.pth --amp bf16 --output-dir runs/coco_student
 Ablation without distillation (same student, same schedule):  ... --kd-weight 0
+A light student (thin FPN, no head towers), distilled through 1x1 adapters, initialised from ImageNet:
+    ... train_student.py --preset coco --fpn-channels 128 --head-convs 0 --init imagenet ...
 """
 import torch
 
 from msad import runner
 from msad.cli import model_config, resolve, run_script, training_parser
-from msad.distill import DISTANCES, FeatureDistillation
+from msad.distill import DISTANCES, FeatureDistillation, build_adapters
 from msad.engine import load_checkpoint
 from msad.models import DistilledStudent, ModelConfig, build_model, init_backbone, load_partial
 
 ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "lr_mode")
+SHAPE_KEYS = ("backbone", "width", "fpn_channels", "head_convs")  # what --init teacher needs to be the teacher's
 
 
 def parse_args(argv=None):
@@ -31,6 +34,15 @@ def parse_args(argv=None):
     g.add_argument("--init", choices=("teacher", "imagenet", "scratch"), default="teacher",
                    help="student initialisation: teacher backbone+FPN+head (released code), ImageNet, or random")
     return p.parse_args(argv)
+
+
+def check_init(args, teacher_args: dict) -> None:
+    """--init teacher copies the teacher's weights, so the student must have the teacher's shapes: one-line error."""
+    differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (teacher {teacher_args[k]})" for k in SHAPE_KEYS
+              if k in teacher_args and getattr(args, k) != teacher_args[k]]
+    if args.init == "teacher" and differ:
+        raise ValueError(f"--init teacher copies {args.teacher}'s weights, but the student differs from it: "
+                         f"{', '.join(differ)}; use --init imagenet or --init scratch for this student")
 
 
 def load_teacher(ckpt: dict, device) -> torch.nn.Module:
@@ -49,6 +61,7 @@ def main(argv=None):
         for key in ARCH_KEYS:  # the student's architecture defaults to the teacher's
             if getattr(args, key) is None and key in ckpt["args"]:
                 setattr(args, key, ckpt["args"][key])
+        check_init(args, ckpt["args"])
     args = resolve(args, "student")
     info = runner.start(args)
     train_set = runner.train_dataset(args)
@@ -65,13 +78,17 @@ def main(argv=None):
         init_backbone(student, args.backbone_weights)
     student = runner.prepare_model(student, args, info)
     kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss)
-    trainable = runner.ddp(DistilledStudent(student, kd), info)
+    # A student thinner than the teacher distils through 1x1 adapters (trained, kept out of the student).
+    adapters = build_adapters(args.fpn_channels, ckpt["args"]["fpn_channels"]) if args.kd_weight > 0 else None
+    adapters = adapters.to(info.device) if adapters is not None else None
+    trainable = runner.ddp(DistilledStudent(student, kd, adapters), info)
 
     def step(batch, iteration):
         teacher_feats = teacher.distillation_targets(batch) if args.kd_weight > 0 else None  # no_grad inside
         return trainable(batch, teacher_feats, iteration)
 
-    result = runner.fit(args, info, "student", student, step, train_set)
+    result = runner.fit(args, info, "student", student, step, train_set,
+                        aux={"adapters": adapters} if adapters is not None else None)
     return runner.finish(args, info, student, result, {"kind": "student", "kd_weight": args.kd_weight})
 
 

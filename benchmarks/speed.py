@@ -14,8 +14,10 @@ Sections (ratio > 1 always means "ours is faster" except for the teacher/FCOS co
      threshold, top 1000 per level reach NMS), the worst case for decoding;
   3. the loss/target part alone: our assign_targets + fcos_losses vs torchvision's FCOS.compute_loss;
   4. one MSAD teacher iteration (HR + LR + fused) vs one HR-only FCOS iteration, with the FLOP split;
-  5. inference latency, params and FLOPs (backbone / FPN / head) of the HR model, the naive LR model and
-     the MSAD student; images/s of teacher and student training.
+  5. inference latency, params and FLOPs (backbone / FPN / head) of the HR model, the naive LR model, the
+     MSAD student and the light students (thinner FPN / head, LIGHT_STUDENTS); images/s of teacher and
+     student training.
+`--cost-only` runs section 5's latency / params / FLOPs table alone (HR, naive LR and students in one run).
 Results go to benchmarks/results/speed_<device>.json and .md.
 """
 import argparse
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,6 +48,8 @@ from msad.fcos_loss import assign_targets, fcos_losses  # noqa: E402
 from msad.models import DistilledStudent, ModelConfig, build_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Light students (train_student.py --fpn-channels F --head-convs N): name -> (FPN channels, convs per head tower).
+LIGHT_STUDENTS = {"light_f256_h1": (256, 1), "light_f256_h0": (256, 0), "light_f128_h0": (128, 0)}
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -276,6 +281,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 256x384, 20 boxes, 1 warm-up + 1 round")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="channels_last for every model (auto: on for CUDA, as scripts do)")
+    p.add_argument("--cost-only", action="store_true",
+                   help="only the latency / params / FLOPs table of HR, naive LR and student models")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/speed_<device>)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -327,11 +334,13 @@ def main(argv=None):
         raise RuntimeError(f"torchvision's transform changed the input ({tuple(seen.tensors.shape)})")
     student = prep(build_model("student", cfg))
     teacher = prep(build_model("teacher", cfg))
+    light_cfgs = {k: replace(cfg, fpn_channels=f, head_convs=n) for k, (f, n) in LIGHT_STUDENTS.items()}
+    light = {k: prep(build_model("student", c)) for k, c in light_cfgs.items()}
 
-    # ---- 2 + 5a. inference: ours vs torchvision (same weights), naive LR, student ----------------------
-    set_dense_head(*[(m.head.cls_logits.bias, m.head.box_pred.bias) for m in (ours, student)])
+    # ---- 2 + 5a. inference: ours vs torchvision (same weights), naive LR, student, light students --------
+    set_dense_head(*[(m.head.cls_logits.bias, m.head.box_pred.bias) for m in (ours, student, *light.values())])
     copy_weights_to_torchvision(ours, theirs)
-    for m in (ours, theirs, student):
+    for m in (ours, theirs, student, *light.values()):
         m.eval()
 
     def infer(fn):
@@ -340,84 +349,90 @@ def main(argv=None):
                 return fn()
         return run
 
-    inf_fns = {"ours_hr": infer(lambda: ours(hr_batch)), "torchvision_hr": infer(lambda: theirs(tv_images)),
-               "ours_naive_lr": infer(lambda: ours(lr_batch)), "ours_student": infer(lambda: student(hr_batch))}
-    with torch.no_grad():  # in fp32 whatever --amp says: the two networks must compute the same thing
-        det_ours, det_theirs = ours(hr_batch), theirs(tv_images)
-    same = all(len(a["scores"]) == len(b["scores"]) and torch.allclose(
-        a["scores"].float().sort().values, b["scores"].float().sort().values, atol=1e-3)
-        for a, b in zip(det_ours, det_theirs))
+    inf_fns = {"ours_hr": infer(lambda: ours(hr_batch)), "ours_naive_lr": infer(lambda: ours(lr_batch)),
+               "ours_student": infer(lambda: student(hr_batch)),
+               **{k: infer(lambda m=m: m(hr_batch)) for k, m in light.items()}}
+    if not args.cost_only:
+        inf_fns["torchvision_hr"] = infer(lambda: theirs(tv_images))
+        with torch.no_grad():  # in fp32 whatever --amp says: the two networks must compute the same thing
+            det_ours, det_theirs = ours(hr_batch), theirs(tv_images)
+        same = all(len(a["scores"]) == len(b["scores"]) and torch.allclose(
+            a["scores"].float().sort().values, b["scores"].float().sort().values, atol=1e-3)
+            for a, b in zip(det_ours, det_theirs))
     inf = bench(inf_fns, args.warmup, args.repeats, device)
-    results["inference"] = {"seconds": inf, "torchvision_over_ours": inf["torchvision_hr"] / inf["ours_hr"],
-                            "detections_per_image": [len(d["scores"]) for d in det_ours],
-                            "same_detections_as_torchvision": same}
+    results["inference"] = {"seconds": inf}
+    if not args.cost_only:
+        results["inference"] |= {"torchvision_over_ours": inf["torchvision_hr"] / inf["ours_hr"],
+                                 "detections_per_image": [len(d["scores"]) for d in det_ours],
+                                 "same_detections_as_torchvision": same}
     print(f"inference done ({time.perf_counter() - t_start:.0f}s): {inf}")
 
-    # ---- 3. the loss/target part alone ------------------------------------------------------------------
-    shapes = pyramid_shapes(H, W)
-    geometry = ours.geometry([torch.empty(B, 1, h, w, device=device) for h, w in shapes])
-    points, strides, ranges, _ = geometry
-    L = points.shape[0]
-    g = torch.Generator(device=device).manual_seed(0)
-    cls = (torch.randn(B, L, K, device=device, generator=g) - 4.0).requires_grad_()
-    box = (torch.rand(B, L, 4, device=device, generator=g) * 4 + 0.1).requires_grad_()
-    ctr = torch.randn(B, L, device=device, generator=g).requires_grad_()
-    head_out = {"cls_logits": cls, "bbox_regression": box, "bbox_ctrness": ctr[..., None]}
-    feats = [torch.empty(B, 1, h, w, device=device) for h, w in shapes]
-    anchors = theirs.anchor_generator(ImageList(torch.empty(B, 3, H, W, device=device), [(H, W)] * B), feats)
-    num_per_level = [h * w for h, w in shapes]
-    boxes_l, labels_l = [t["boxes"] for t in hr_batch.targets], [t["labels"] for t in hr_batch.targets]
+    if not args.cost_only:  # sections 1, 3 and 4: the comparisons with torchvision and the teacher
+        # ---- 3. the loss/target part alone ------------------------------------------------------------------
+        shapes = pyramid_shapes(H, W)
+        geometry = ours.geometry([torch.empty(B, 1, h, w, device=device) for h, w in shapes])
+        points, strides, ranges, _ = geometry
+        L = points.shape[0]
+        g = torch.Generator(device=device).manual_seed(0)
+        cls = (torch.randn(B, L, K, device=device, generator=g) - 4.0).requires_grad_()
+        box = (torch.rand(B, L, 4, device=device, generator=g) * 4 + 0.1).requires_grad_()
+        ctr = torch.randn(B, L, device=device, generator=g).requires_grad_()
+        head_out = {"cls_logits": cls, "bbox_regression": box, "bbox_ctrness": ctr[..., None]}
+        feats = [torch.empty(B, 1, h, w, device=device) for h, w in shapes]
+        anchors = theirs.anchor_generator(ImageList(torch.empty(B, 3, H, W, device=device), [(H, W)] * B), feats)
+        num_per_level = [h * w for h, w in shapes]
+        boxes_l, labels_l = [t["boxes"] for t in hr_batch.targets], [t["labels"] for t in hr_batch.targets]
 
-    def ours_loss():  # as FCOS.targets calls it: with the level shapes, so nothing is read back from the device
-        targets = assign_targets(points, strides, ranges, boxes_l, labels_l, shapes=shapes)
-        return fcos_losses(cls, box, ctr, targets)
+        def ours_loss():  # as FCOS.targets calls it: with the level shapes, so nothing is read back from the device
+            targets = assign_targets(points, strides, ranges, boxes_l, labels_l, shapes=shapes)
+            return fcos_losses(cls, box, ctr, targets)
 
-    def theirs_loss():
-        return theirs.compute_loss(tv_targets, head_out, anchors, num_per_level)
+        def theirs_loss():
+            return theirs.compute_loss(tv_targets, head_out, anchors, num_per_level)
 
-    def backward(fn):
-        def run():
-            sum(fn().values()).backward()
-            cls.grad = box.grad = ctr.grad = None
-        return run
+        def backward(fn):
+            def run():
+                sum(fn().values()).backward()
+                cls.grad = box.grad = ctr.grad = None
+            return run
 
-    loss_reps = max(5, 5 * args.repeats)
-    loss_fwd = bench({"ours": ours_loss, "torchvision": theirs_loss}, 2, loss_reps, device)
-    loss_bwd = bench({"ours": backward(ours_loss), "torchvision": backward(theirs_loss)}, 2, loss_reps, device)
-    results["loss_targets"] = {
-        "locations": L, "forward_seconds": loss_fwd, "forward_backward_seconds": loss_bwd,
-        "forward_torchvision_over_ours": loss_fwd["torchvision"] / loss_fwd["ours"],
-        "forward_backward_torchvision_over_ours": loss_bwd["torchvision"] / loss_bwd["ours"]}
-    print(f"loss done ({time.perf_counter() - t_start:.0f}s): {loss_fwd} {loss_bwd}")
+        loss_reps = max(5, 5 * args.repeats)
+        loss_fwd = bench({"ours": ours_loss, "torchvision": theirs_loss}, 2, loss_reps, device)
+        loss_bwd = bench({"ours": backward(ours_loss), "torchvision": backward(theirs_loss)}, 2, loss_reps, device)
+        results["loss_targets"] = {
+            "locations": L, "forward_seconds": loss_fwd, "forward_backward_seconds": loss_bwd,
+            "forward_torchvision_over_ours": loss_fwd["torchvision"] / loss_fwd["ours"],
+            "forward_backward_torchvision_over_ours": loss_bwd["torchvision"] / loss_bwd["ours"]}
+        print(f"loss done ({time.perf_counter() - t_start:.0f}s): {loss_fwd} {loss_bwd}")
 
-    # ---- 1 + 4 + 5b. training: ours vs torchvision, teacher, student (with its frozen teacher) ---------------
-    for m in (ours, student):  # back to the FCOS prior init for training
-        with torch.no_grad():
-            m.head.cls_logits.bias.fill_(-4.59511985013459)
-            m.head.box_pred.bias.zero_()
-    copy_weights_to_torchvision(ours, theirs)
-    frozen_teacher = prep(build_model("teacher", cfg)).eval().requires_grad_(False)
-    distilled = DistilledStudent(student, FeatureDistillation())
-    for m in (ours, theirs, teacher, distilled):
-        m.train()
+        # ---- 1 + 4 + 5b. training: ours vs torchvision, teacher, student (with its frozen teacher) ---------------
+        for m in (ours, student):  # back to the FCOS prior init for training
+            with torch.no_grad():
+                m.head.cls_logits.bias.fill_(-4.59511985013459)
+                m.head.box_pred.bias.zero_()
+        copy_weights_to_torchvision(ours, theirs)
+        frozen_teacher = prep(build_model("teacher", cfg)).eval().requires_grad_(False)
+        distilled = DistilledStudent(student, FeatureDistillation())
+        for m in (ours, theirs, teacher, distilled):
+            m.train()
 
-    def student_forward():
-        teacher_feats = frozen_teacher.distillation_targets(hr_batch)  # no_grad inside, as train_student.py
-        return distilled(hr_batch, teacher_feats, iteration=1000)
+        def student_forward():
+            teacher_feats = frozen_teacher.distillation_targets(hr_batch)  # no_grad inside, as train_student.py
+            return distilled(hr_batch, teacher_feats, iteration=1000)
 
-    train_fns = {
-        "ours_fcos": train_step(ours, sgd(ours), lambda: ours(hr_batch), amp, device),
-        "torchvision_fcos": train_step(theirs, sgd(theirs), lambda: theirs(tv_images, tv_targets), amp, device),
-        "ours_teacher": train_step(teacher, sgd(teacher), lambda: teacher(hr_batch), amp, device),
-        "ours_student_with_teacher": train_step(distilled, sgd(distilled), student_forward, amp, device),
-    }
-    tr = bench(train_fns, args.warmup, args.repeats, device)
-    syncs = {k: count_syncs(train_fns[k], device) for k in ("ours_fcos", "torchvision_fcos", "ours_teacher")}
-    results["train"] = {"seconds": tr, "torchvision_over_ours": tr["torchvision_fcos"] / tr["ours_fcos"],
-                        "host_device_syncs_per_step": syncs,
-                        "teacher_over_fcos": tr["ours_teacher"] / tr["ours_fcos"],
-                        "images_per_second": {k: B / v for k, v in tr.items()}}
-    print(f"train done ({time.perf_counter() - t_start:.0f}s): {tr}")
+        train_fns = {
+            "ours_fcos": train_step(ours, sgd(ours), lambda: ours(hr_batch), amp, device),
+            "torchvision_fcos": train_step(theirs, sgd(theirs), lambda: theirs(tv_images, tv_targets), amp, device),
+            "ours_teacher": train_step(teacher, sgd(teacher), lambda: teacher(hr_batch), amp, device),
+            "ours_student_with_teacher": train_step(distilled, sgd(distilled), student_forward, amp, device),
+        }
+        tr = bench(train_fns, args.warmup, args.repeats, device)
+        syncs = {k: count_syncs(train_fns[k], device) for k in ("ours_fcos", "torchvision_fcos", "ours_teacher")}
+        results["train"] = {"seconds": tr, "torchvision_over_ours": tr["torchvision_fcos"] / tr["ours_fcos"],
+                            "host_device_syncs_per_step": syncs,
+                            "teacher_over_fcos": tr["ours_teacher"] / tr["ours_fcos"],
+                            "images_per_second": {k: B / v for k, v in tr.items()}}
+        print(f"train done ({time.perf_counter() - t_start:.0f}s): {tr}")
 
     # ---- FLOPs and params (meta device: no compute) ---------------------------------------------------------
     hr_meta, lr_meta = hr_batch.images.to("meta"), lr_batch.images.to("meta")
@@ -434,6 +449,13 @@ def main(argv=None):
                          "head_grid": pyramid_shapes(H // 2, W // 2, student_m.levels),
                          "latency_s": inf["ours_student"]},
     }
+    for name, c in light_cfgs.items():  # P2-P6 of the half image, like the MSAD student, with a thinner FPN / head
+        m = meta_copy("student", c)
+        results["models"][name] = {
+            "input": [H // 2, W // 2], "levels": list(m.levels), "fpn_channels": c.fpn_channels,
+            "head_convs": c.head_convs, "params": param_split(m), "flops_inference": flops_split(m, "student",
+                                                                                                 hr_meta, False),
+            "head_grid": pyramid_shapes(H // 2, W // 2, m.levels), "latency_s": inf[name]}
     results["train_flops"] = {"fcos": flops_split(fcos_m, "fcos", hr_meta, True),
                               "teacher": flops_split(teacher_m, "teacher", hr_meta, True)}
     results["train_flops"]["teacher_over_fcos"] = (results["train_flops"]["teacher"]["total"]
@@ -443,7 +465,8 @@ def main(argv=None):
     md = markdown(results)
     print(md)
     stem = Path(args.out) if args.out else RESULTS / "_".join(
-        ["speed", device.type] + ([args.amp] if amp else []) + (["quick"] if args.quick else []))
+        ["speed", device.type] + ([args.amp] if amp else []) + (["quick"] if args.quick else [])
+        + (["cost"] if args.cost_only else []))
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     stem.with_suffix(".md").write_text(md)
@@ -452,22 +475,40 @@ def main(argv=None):
 
 
 def markdown(r) -> str:
+    """The results as markdown: the comparisons (unless --cost-only), the cost table, training throughput."""
     c, m = r["config"], r["machine"]
     B, (H, W) = c["batch"], c["size"]
-    inf, tr, loss = r["inference"], r["train"], r["loss_targets"]
     dev = m.get("gpu", m["cpu"])
-    gf = lambda f: f"{f / 1e9:.0f}"  # noqa: E731
     lines = [
         f"# Speed ({m['device']}: {dev}, {m['threads']} threads, torch {m['torch']}, torchvision {m['torchvision']})",
         "",
         f"Code: {r.get('commit', 'unknown')}. `python benchmarks/speed.py --device {m['device']}"
-        f"{' --amp ' + c['amp'] if c['amp'] != 'none' else ''}`.",
+        f"{' --amp ' + c['amp'] if c['amp'] != 'none' else ''}{' --cost-only' if 'train' not in r else ''}`.",
         "",
         f"Batch {B} at {H}x{W}, {c['boxes']} GT boxes per image, amp {c['amp']}, channels_last "
         f"{c['channels_last']}; median of {c['repeats']} interleaved rounds after {c['warmup']} warm-up. "
         "Times in ms. Ratio = torchvision / ours (> 1: ours faster). Inference uses a dense head (every "
         "location passes the score threshold, 1000 candidates per level reach NMS), the worst case for decoding.",
         "",
+    ]
+    if "train" in r:
+        lines += markdown_comparisons(r)
+    lines += markdown_cost(r)
+    if "train" in r:
+        lines += ["## Training throughput", "", "| | images/s |", "|---|---|"]
+        for key, name in (("ours_fcos", "FCOS (HR)"), ("torchvision_fcos", "torchvision FCOS (HR)"),
+                          ("ours_teacher", "MSAD teacher"),
+                          ("ours_student_with_teacher", "MSAD student (incl. frozen teacher forward)")):
+            lines.append(f"| {name} | {r['train']['images_per_second'][key]:.2f} |")
+    lines += ["", f"Total benchmark time {r['total_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def markdown_comparisons(r) -> list:
+    """Sections 1-4: ours vs torchvision, and the teacher iteration vs the FCOS iteration."""
+    inf, tr, loss = r["inference"], r["train"], r["loss_targets"]
+    gf = lambda f: f"{f / 1e9:.0f}"  # noqa: E731
+    lines = [
         "| what | ours | torchvision | ratio |",
         "|---|---|---|---|",
         f"| train step (fwd + bwd + SGD), R50 FCOS | {fmt_ms(tr['seconds']['ours_fcos'])} | "
@@ -507,35 +548,38 @@ def markdown(r) -> str:
         "bound by kernel launches (small batch) hides part of the extra work, since the teacher runs its three "
         "heads as one batched call.",
         "",
+    ]
+    return lines
+
+
+def markdown_cost(r) -> list:
+    """Section 5: latency, params and FLOPs of the HR model, the naive LR model and the students."""
+    B, inf = r["config"]["batch"], r["inference"]
+    gf = lambda f: f"{f / 1e9:.0f}"  # noqa: E731
+    hr_total = r["models"]["hr_fcos"]["flops_inference"]["total"]
+    lines = [
         "## Inference latency, params and FLOPs (backbone / FPN / head)",
         "",
         f"| model | input | levels | head grid (P_first) | latency (ms, batch {B}) | params (M) | "
-        "GFLOPs backbone / FPN / head = total |",
-        "|---|---|---|---|---|---|---|",
+        "GFLOPs backbone / FPN / head = total | GFLOPs / HR |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, v in (("HR FCOS", r["models"]["hr_fcos"]), ("naive LR FCOS", r["models"]["naive_lr_fcos"]),
-                    ("MSAD student", r["models"]["msad_student"])):
+    names = {"hr_fcos": "HR FCOS", "naive_lr_fcos": "naive LR FCOS", "msad_student": "MSAD student"}
+    for key, v in r["models"].items():
+        name = names.get(key) or f"light student, FPN {v['fpn_channels']}, {v['head_convs']} head convs"
         p, f = v["params"], v["flops_inference"]
         lines.append(f"| {name} | {v['input'][0]}x{v['input'][1]} | P{v['levels'][0]}-P{v['levels'][-1]} | "
                      f"{v['head_grid'][0][0]}x{v['head_grid'][0][1]} | {fmt_ms(v['latency_s'])} | "
                      f"{p['total'] / 1e6:.1f} | {gf(f['backbone'])} / {gf(f['fpn'])} / {gf(f['head'])} = "
-                     f"{gf(f['total'])} |")
+                     f"{gf(f['total'])} | {f['total'] / hr_total:.2f} |")
     lines += [
         "",
         f"FLOPs are for the batch of {B} (FlopCounterMode: 2 per multiply-add). The student's head runs on the "
-        "same grid as the HR model's (its P2 is the HR P3 grid), so only its backbone is ~4x cheaper.",
+        "same grid as the HR model's (its P2 is the HR P3 grid), so only its backbone is ~4x cheaper. The light "
+        "students (`train_student.py --fpn-channels F --head-convs N`) thin that FPN and head.",
         "",
-        "## Training throughput",
-        "",
-        "| | images/s |",
-        "|---|---|",
     ]
-    for key, name in (("ours_fcos", "FCOS (HR)"), ("torchvision_fcos", "torchvision FCOS (HR)"),
-                      ("ours_teacher", "MSAD teacher"),
-                      ("ours_student_with_teacher", "MSAD student (incl. frozen teacher forward)")):
-        lines.append(f"| {name} | {tr['images_per_second'][key]:.2f} |")
-    lines += ["", f"Total benchmark time {r['total_seconds']:.0f} s.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--norm", choices=("frozen_bn", "bn", "syncbn", "gn"), help="backbone normalisation")
     g.add_argument("--freeze-at", type=int, choices=(0, 1, 2), help="0: train all; 1: freeze stem; 2: stem + res2")
     g.add_argument("--backbone-weights", help="local torchvision ResNet state_dict (ImageNet); 'none' to skip")
-    g.add_argument("--fpn-channels", type=int, help="FPN and head width (256 on COCO)")
-    g.add_argument("--head-convs", type=int, help="convs per head tower (4 on COCO)")
+    g.add_argument("--fpn-channels", type=int, help="FPN and head width (256 on COCO; a student may be thinner "
+                   "than its teacher: it then distils through 1x1 adapters)")
+    g.add_argument("--head-convs", type=int, help="convs per head tower (4 on COCO; 0: the predictions read the FPN)")
     g.add_argument("--p6-from", choices=("c5", "p5"), help="P6 source: c5 (released MSAD, default) or p5 (FCOS)")
     g.add_argument("--lr-mode", choices=("nearest", "antialias"),
                    help="how the half-size image is made from the padded HR batch (default nearest, as released)")

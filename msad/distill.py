@@ -3,8 +3,14 @@
 L_KD = w(t) * alpha * T * sum_l mean |S_l - F_l|, with the student's P2..P6 as S, the fused teacher
 pyramid as F, alpha = 0.2, T = 3 and w(t) = min(1, t / warmup) a linear warm-up over 500 iterations,
 as the released code runs it. The mean is over all B x C x h x w elements of a level.
+
+A student thinner than its teacher (fewer FPN channels) distils through `Adapters`: one 1x1 conv per level
+position mapping its channels to the teacher's, the regressor of FitNets (Romero et al. 2015). They train with
+the student and are not part of the inference model. The released code has none (its student is as wide as
+its teacher).
 """
 import torch.nn.functional as F
+from torch import nn
 
 DISTANCES = {
     "l1": lambda s, t: F.l1_loss(s, t),  # the paper's and the released code's choice
@@ -36,3 +42,28 @@ class FeatureDistillation:
                                  f"level {i} {tuple(t.shape)}")
             losses[f"loss_kd_p{i + 2}"] = w * self.distance(s.float(), t.float())
         return losses
+
+
+class Adapters(nn.Module):
+    """One 1x1 conv per level position, student channels -> teacher channels (training only, FitNets regressor).
+
+    Level position i serves the student's P(i+2) and the teacher's fused level i, as FCOSHead's Scales do.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int = 5):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, 1) for _ in range(num_levels))
+        for conv in self.convs:  # the FPN's init: keeps the features' scale
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, feats):
+        """feats: list over level positions of B x C_s x h x w -> list of B x C_t x h x w."""
+        return [conv(f) for conv, f in zip(self.convs, feats)]
+
+
+def build_adapters(student_channels: int, teacher_channels: int, num_levels: int = 5) -> Adapters | None:
+    """Adapters when the widths differ, None when the student's pyramid can be compared to the teacher's as is."""
+    if student_channels == teacher_channels:
+        return None
+    return Adapters(student_channels, teacher_channels, num_levels)

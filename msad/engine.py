@@ -293,10 +293,11 @@ class _StopRequest:
 
 # ----------------------------------------------------------------------------- the loop
 
-def _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn) -> dict:
+def _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn, aux) -> dict:
     return {
         "kind": cfg.kind,
         "model": model.state_dict(),
+        "aux": {name: m.state_dict() for name, m in aux.items()},  # trained, but not part of the model
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -318,12 +319,12 @@ def _check_finite_weights(model, iteration: int, cfg) -> None:
                                  f"{'the last checkpoint ' + str(kept) + ' is kept' if kept.exists() else 'no checkpoint was written'}")
 
 
-def _save_checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn) -> None:
+def _save_checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn, aux) -> None:
     """Every rank contributes its RNG state (one gather); rank 0 writes; the others wait at a barrier."""
     _check_finite_weights(model, iteration, cfg)
     rng_per_rank = dist.all_gather_objects(_rng_state(cfg.device))
     if dist.is_main_process():
-        ckpt = _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn)
+        ckpt = _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn, aux)
         # "rng" is rank 0's state; each rank restores its own from "rng_per_rank" on resume.
         ckpt["rng"] = rng_per_rank[0]
         ckpt["rng_per_rank"] = rng_per_rank
@@ -339,7 +340,7 @@ def _save_final(model, iteration, cfg) -> None:
     dist.barrier()
 
 
-def _resume(model, optimizer, scheduler, scaler, cfg) -> int:
+def _resume(model, optimizer, scheduler, scaler, cfg, aux) -> int:
     """Restore from OUTPUT_DIR/checkpoint.pth if cfg.resume and it exists; return the iteration to start at."""
     path = Path(cfg.output_dir) / CHECKPOINT
     main = dist.is_main_process()
@@ -364,6 +365,10 @@ def _resume(model, optimizer, scheduler, scaler, cfg) -> int:
         print(f"warning: resume: arguments differ from the checkpoint's: {', '.join(differ)}; the new values "
               f"are used{', except the restored optimizer keeps ' + ' and '.join(kept) if kept else ''}",
               file=sys.stderr)
+    for name, module in aux.items():
+        if name not in ckpt.get("aux", {}):
+            raise ValueError(f"{path} has no {name!r} state to resume (saved by a run with other flags)")
+        module.load_state_dict(ckpt["aux"][name])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler") is not None:
@@ -440,24 +445,25 @@ def _check_finite(terms: dict[str, float], it: int) -> None:
         raise FloatingPointError(f"non-finite loss at iteration {it}: {shown}")
 
 
-def _optimizer_step(total, model, optimizer, scaler, clip_grad) -> None:
+def _optimizer_step(total, optimizer, scaler, clip_grad) -> None:
     optimizer.zero_grad(set_to_none=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the model's and aux modules'
     if scaler is None:
         total.backward()
         if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
         optimizer.step()
         return
     scaler.scale(total).backward()
     if clip_grad is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
     scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
     scaler.update()
 
 
 def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_iter_fn,
-          cfg: TrainConfig, extra_state_fn=None) -> dict:
+          cfg: TrainConfig, extra_state_fn=None, aux: dict | None = None) -> dict:
     """Run iterations [start, cfg.iters) of `step_fn`; the one training loop of both stages.
 
     step_fn(batch, iteration) -> dict of named scalar losses (the DDP-wrapped forward happens inside);
@@ -465,6 +471,9 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     model: the unwrapped trainable module (saved as checkpoint["model"]).
     data_iter_fn(start_iter) -> iterator of batches from that iteration on; each batch has .to(device).
     extra_state_fn() -> dict merged into each checkpoint (called on rank 0 only; plain values).
+    aux: name -> module trained with the model (its parameters in `optimizer`) but not part of it, e.g. the
+        student's distillation adapters: saved in checkpoint.pth under "aux", restored on resume, left out
+        of model_final.pth.
 
     The model is put in train mode (FrozenBatchNorm is unaffected). Only rank 0 writes files.
 
@@ -485,13 +494,15 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
         torch.set_flush_denormal(True)
     scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
     amp_dtype = AMP_DTYPES[cfg.amp]
-    start_iter = _resume(model, optimizer, scheduler, scaler, cfg)
+    aux = aux or {}
+    start_iter = _resume(model, optimizer, scheduler, scaler, cfg, aux)
     logger = _Logger(cfg, enabled=main)
     if main and start_iter == 0:
         logger.path.unlink(missing_ok=True)  # a run killed before its first checkpoint leaves a stale log
     bar = tqdm(total=cfg.iters, initial=start_iter, desc=cfg.kind, dynamic_ncols=True,
                disable=True if not main else None)  # None: tqdm disables itself when not a tty
-    model.train()
+    for module in (model, *aux.values()):
+        module.train()
     t_start = time.perf_counter()
     final_loss, stopped, done = None, False, start_iter
 
@@ -511,7 +522,7 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
             terms, stop_now = _global_terms(losses, stop.requested, cfg.device)
             _check_finite(terms, it)  # before backward: the weights stay those of the last good step
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
-            _optimizer_step(sum(losses.values()), model, optimizer, scaler, cfg.clip_grad)
+            _optimizer_step(sum(losses.values()), optimizer, scaler, cfg.clip_grad)
             scheduler.step()
 
             done = it + 1
@@ -523,7 +534,7 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
             if done % cfg.log_period == 0 or done == cfg.iters or stopped:
                 logger.write(done, lr, terms)
             if done % cfg.checkpoint_period == 0 or done == cfg.iters or stopped:
-                _save_checkpoint(model, optimizer, scheduler, scaler, done, cfg, extra_state_fn)
+                _save_checkpoint(model, optimizer, scheduler, scaler, done, cfg, extra_state_fn, aux)
             if stopped:
                 break
 

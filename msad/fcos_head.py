@@ -25,6 +25,7 @@ class Scale(nn.Module):
 
 
 def _tower(channels: int, num_convs: int) -> nn.Sequential:
+    """num_convs x (conv, GN, ReLU); an empty Sequential (the identity) when num_convs is 0."""
     layers = []
     for _ in range(num_convs):  # 3x3 conv with bias, GroupNorm, ReLU (method.md Sec. 6)
         layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(gn_groups(channels), channels), nn.ReLU()]
@@ -32,10 +33,16 @@ def _tower(channels: int, num_convs: int) -> nn.Sequential:
 
 
 class FCOSHead(nn.Module):
-    """Classification tower + box tower, centre-ness on the box tower, one Scale per level position."""
+    """Classification tower + box tower, centre-ness on the box tower, one Scale per level position.
+
+    `num_convs` is the depth of each tower (4 in FCOS); with 0 the prediction convs read the FPN level
+    directly, the cheapest head (a light student's).
+    """
 
     def __init__(self, channels: int, num_classes: int, num_convs: int = 4, num_levels: int = 5, prior: float = 0.01):
         super().__init__()
+        if num_convs < 0 or channels < 1:
+            raise ValueError(f"--head-convs must be >= 0 and --fpn-channels >= 1, got {num_convs} and {channels}")
         self.num_classes = num_classes
         self.cls_tower = _tower(channels, num_convs)
         self.box_tower = _tower(channels, num_convs)

@@ -155,15 +155,18 @@ class MultiScaleTeacher(FCOS):
 
 class DistilledStudent(nn.Module):
     """Training wrapper of the student (Sec. 3.4): FCOS losses on the LR image + feature distillation
-    towards the frozen teacher's fused pyramid, which the caller computes outside DDP under no_grad."""
+    towards the frozen teacher's fused pyramid, which the caller computes outside DDP under no_grad.
+    `adapters` (distill.Adapters, a student thinner than its teacher) map the student's pyramid to the
+    teacher's width first; they live here, beside the student, so they train with it but stay out of it."""
 
-    def __init__(self, student: FCOS, distill):
+    def __init__(self, student: FCOS, distill, adapters: nn.Module | None = None):
         super().__init__()
-        self.student, self.distill = student, distill
+        self.student, self.distill, self.adapters = student, distill, adapters
 
     def forward(self, batch, teacher_feats=None, iteration: int = 0):
         losses, feats = self.student(batch, return_features=True)
         if teacher_feats is not None:
+            feats = self.adapters(feats) if self.adapters is not None else feats
             losses |= self.distill(feats, teacher_feats, iteration)
         return losses
 

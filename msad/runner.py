@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import dist, engine, outdir
 from .align import HR_PAD
 from .cli import PRESETS, data_paths, print_metrics_line, seed_everything
+from .cost import model_cost
 from .data import CocoDetection, build_eval_loader, build_train_loader
 from .evaluation import evaluate
 
@@ -102,9 +103,14 @@ def ddp(model: torch.nn.Module, info: dist.DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, extra_state_fn=None) -> dict:
-    """SGD + warm-up multi-step schedule + the shared engine loop (method.md Sec. 6 recipe)."""
-    optimizer = engine.build_optimizer(model, args.lr, weight_decay=args.weight_decay)
+def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, extra_state_fn=None, aux=None) -> dict:
+    """SGD + warm-up multi-step schedule + the shared engine loop (method.md Sec. 6 recipe).
+
+    `aux`: name -> module trained beside `model` but not part of it (the student's distillation adapters);
+    optimised with it, saved under checkpoint["aux"] and restored on resume, left out of model_final.pth.
+    """
+    trained = torch.nn.ModuleDict({"model": model, **aux}) if aux else model
+    optimizer = engine.build_optimizer(trained, args.lr, weight_decay=args.weight_decay)
     scheduler = engine.build_scheduler(optimizer, warmup_iters=args.warmup_iters, steps=args.steps)
 
     def data_iter(start_iter: int):
@@ -115,14 +121,18 @@ def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, extra
                              checkpoint_period=args.checkpoint_period, log_period=args.log_period,
                              clip_grad=args.clip_grad, amp=args.amp, resume=args.resume,
                              overwrite=args.overwrite, device=info.device)
-    return engine.train(step_fn, model, optimizer, scheduler, data_iter, cfg, extra_state_fn)
+    return engine.train(step_fn, model, optimizer, scheduler, data_iter, cfg, extra_state_fn, aux)
 
 
 def evaluate_model(args, info, model, test_size=None, output_dir=None):
     """COCO evaluation of `model` on the validation set (sharded; metrics on rank 0, None elsewhere)."""
     dataset = val_dataset(args, test_size)
     loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
-    return evaluate(model, loader, dataset, info.device, output_dir, args.amp)
+    metrics = evaluate(model, loader, dataset, info.device, output_dir, args.amp)
+    if metrics is not None:  # rank 0: params and GFLOPs per image of the model, on its first evaluation batch
+        first = next(iter(build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, 0, HR_PAD)))
+        metrics |= model_cost(model, first.to(info.device))
+    return metrics
 
 
 def finish(args, info, model, result: dict, extra: dict | None = None) -> dict | None:

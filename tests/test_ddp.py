@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msad.synthetic import ensure_synthetic
-from scripts_common import TINY, data_flags, last_json, run
+from scripts_common import TINY, data_flags, last_json, read_jsonl, run
 
 
 def test_teacher_ddp_equals_one_process_even_with_a_rank_without_positives(tmp_path):
@@ -41,6 +41,26 @@ def test_student_trains_under_torchrun_with_the_teacher_outside_ddp(trained):
     assert all(torch.equal(before[k], after[k]) for k in before)
     student = torch.load(tmp / "student" / "model_final.pth", weights_only=True)["model"]
     assert not any(k.startswith("fusion.") for k in student)
+
+
+def test_a_thin_student_distils_through_adapters_under_one_and_two_processes(trained):
+    """--fpn-channels 16 --head-convs 0 under a 32-channel teacher: adapters train inside the DDP wrapper (which,
+    without find_unused_parameters, fails at the second step if any of them got no gradient), live in
+    checkpoint.pth under "aux" for --resume, and never in the student's model."""
+    tmp, data = trained
+    flags = [*TINY, *data_flags(data), "--iters", 2, "--kd-warmup", 0, "--no-eval", "--fpn-channels", 16,
+             "--head-convs", 0, "--init", "scratch", "--teacher", tmp / "teacher" / "model_final.pth"]
+    for nproc in (1, 2):
+        out = tmp / f"thin{nproc}"
+        result = last_json(run("train_student.py", *flags, "--output-dir", out, nproc=nproc))
+        assert result["iterations"] == 2
+        assert all(r["loss_kd_p2"] > 0 for r in read_jsonl(out / "log.jsonl"))
+        ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+        adapters = ckpt["aux"]["adapters"]
+        assert [tuple(adapters[f"convs.{i}.weight"].shape) for i in range(5)] == [(32, 16, 1, 1)] * 5
+        final = torch.load(out / "model_final.pth", weights_only=True)
+        assert "aux" not in final and not any("adapters" in k or "tower" in k for k in final["model"])
+        assert final["model"]["fpn.output.p2.weight"].shape == (16, 16, 3, 3)
 
 
 def test_sharded_evaluation_equals_one_process(trained):

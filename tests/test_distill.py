@@ -3,8 +3,8 @@ L_KD = w(t) * 0.2 * 3 * sum over the 5 levels of mean |S_l - F_l|, w(t) = min(1,
 import pytest
 import torch
 
-from msad.distill import FeatureDistillation, warmup_factor
-from msad.models import DistilledStudent, build_model
+from msad.distill import Adapters, FeatureDistillation, build_adapters, warmup_factor
+from msad.models import DistilledStudent, ModelConfig, build_model, model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -78,3 +78,32 @@ def test_distilled_student_adds_kd_terms_whose_gradient_reaches_only_the_student
     sum(v for k, v in losses.items() if k.startswith("loss_kd")).backward()
     assert wrapper.student.fpn.output["p2"].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_adapters_appear_exactly_when_the_widths_differ():
+    assert build_adapters(32, 32) is None
+    adapters = build_adapters(16, 32)
+    assert isinstance(adapters, Adapters) and len(adapters.convs) == 5
+    assert all(c.in_channels == 16 and c.out_channels == 32 and c.kernel_size == (1, 1) for c in adapters.convs)
+    feats = [torch.randn(s[0], 16, *s[2:]) for s in SHAPES]
+    assert [tuple(f.shape) for f in adapters(feats)] == [(s[0], 32, *s[2:]) for s in SHAPES]
+
+
+def test_a_thin_student_distils_through_adapters_that_stay_out_of_the_inference_model(tiny_cfg, make_batch):
+    teacher = build_model("teacher", tiny_cfg).eval()  # FPN 32, 2-conv head
+    thin = ModelConfig(**{**tiny_cfg.to_dict(), "fpn_channels": 16, "head_convs": 0})
+    student = build_model("student", thin).train()
+    batch = make_batch([[[10, 12, 70, 90]], [[30, 20, 100, 60]]], sizes=(128, 128))
+    teacher_feats = teacher.distillation_targets(batch)
+    with pytest.raises(ValueError, match="student P2"):  # without adapters the pyramids cannot be compared
+        DistilledStudent(student, FeatureDistillation())(batch, teacher_feats, iteration=500)
+    wrapper = DistilledStudent(student, FeatureDistillation(), build_adapters(16, 32))
+    losses = wrapper(batch, teacher_feats, iteration=500)
+    sum(v for k, v in losses.items() if k.startswith("loss_kd")).backward()
+    assert all(c.weight.grad.abs().sum() > 0 for c in wrapper.adapters.convs)  # every level position trains
+    assert student.fpn.output["p2"].weight.grad.abs().sum() > 0  # and the student through them
+    assert len(student.head.cls_tower) == 0 and student.head.cls_logits.in_channels == 16  # --head-convs 0
+    state = student.state_dict()
+    assert not any("adapters" in k for k in state)  # the inference model is the student alone
+    ckpt = {"kind": "student", "model": state, "args": thin.to_dict()}
+    assert model_from_checkpoint(ckpt, "s.pth").state_dict().keys() == state.keys()

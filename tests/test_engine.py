@@ -156,6 +156,39 @@ def test_resume_equals_uninterrupted_run(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(final["model"].values(), straight.state_dict().values()))
 
 
+def run_toy_with_aux(out, iters, seed=0, **cfg_kw):
+    """The toy model plus an aux module (as the student's adapters): trained by the same optimizer, not in it."""
+    torch.manual_seed(seed)
+    model, aux = toy_train.ToyNet(), nn.Linear(2, 2)
+    optimizer = engine.build_optimizer(nn.ModuleDict({"model": model, "aux": aux}), 0.05)
+    scheduler = engine.build_scheduler(optimizer, warmup_iters=2, steps=(1000,))
+    cfg = engine.TrainConfig(output_dir=str(out), iters=iters, kind="student", args={}, **cfg_kw)
+    result = engine.train(toy_train.make_step_fn(lambda x: aux(model(x))), model, optimizer, scheduler,
+                          toy_train.data_iter_fn(8), cfg, aux={"adapters": aux})
+    return result, model, aux
+
+
+def test_aux_modules_are_checkpointed_apart_restored_on_resume_and_left_out_of_the_final_model(tmp_path):
+    _, straight, straight_aux = run_toy_with_aux(tmp_path / "straight", iters=6, clip_grad=1.0)
+    ckpt = engine.load_checkpoint(tmp_path / "straight" / "checkpoint.pth")
+    assert set(ckpt["model"]) == set(straight.state_dict())  # the model alone, as evaluation expects
+    assert all(torch.equal(ckpt["aux"]["adapters"][k], v) for k, v in straight_aux.state_dict().items())
+    final = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)
+    assert "aux" not in final and set(final["model"]) == set(straight.state_dict())
+
+    run_toy_with_aux(tmp_path / "split", iters=3, clip_grad=1.0)
+    _, resumed, resumed_aux = run_toy_with_aux(tmp_path / "split", iters=6, seed=99, resume=True, clip_grad=1.0)
+    for a, b in ((straight, resumed), (straight_aux, resumed_aux)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    run_toy(tmp_path / "noaux", iters=2)
+    model, optimizer, scheduler = toy_train.build()
+    cfg = engine.TrainConfig(output_dir=str(tmp_path / "noaux"), iters=4, kind="fcos", args={}, resume=True)
+    with pytest.raises(ValueError, match="no 'adapters' state"):  # a checkpoint saved without them
+        engine.train(toy_train.make_step_fn(model), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg,
+                     aux={"adapters": nn.Linear(2, 2)})
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     result, _ = run_toy(tmp_path, iters=2, resume=True)
     assert result["start_iteration"] == 0 and result["iterations"] == 2

@@ -26,6 +26,20 @@ def finite_metrics(metrics):
     return all(math.isfinite(metrics[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
 
 
+def test_every_evaluation_reports_the_models_cost(demo):
+    """params_m and gflops (per image, first evaluation batch) in the training and evaluation final lines."""
+    tmp = demo["tmp"]
+    evaluated = last_json(run("evaluate.py", "--checkpoint", tmp / "student" / "model_final.pth", "--output-dir",
+                              tmp / "eval_cost", "--workers", 0, "--device", "cpu", "--eval-batch-size", 4))
+    for metrics in (demo["teacher"], demo["student"], evaluated):
+        assert metrics["params_m"] > 0 and metrics["gflops"] > 0
+    state = torch.load(tmp / "student" / "model_final.pth", weights_only=True)["model"]
+    params = sum(v.numel() for v in state.values())  # GroupNorm everywhere: the state holds parameters only
+    assert evaluated["params_m"] == demo["student"]["params_m"] == pytest.approx(params / 1e6, abs=1e-4)
+    assert evaluated["gflops"] == demo["student"]["gflops"]  # the same model on the same first batch
+    assert json.loads((tmp / "eval_cost" / "metrics.json").read_text())["gflops"] == evaluated["gflops"]
+
+
 def test_teacher_script_writes_checkpoint_log_and_metrics(demo):
     out = demo["tmp"] / "teacher"
     assert demo["teacher"]["kind"] == "teacher" and demo["teacher"]["iterations"] == 3
@@ -82,7 +96,16 @@ def test_student_refuses_a_checkpoint_that_is_not_a_teacher(demo):
 def test_student_with_another_backbone_cannot_start_from_the_teacher(demo):
     proc = run("train_student.py", *TINY, *data_flags(demo["data"]), "--iters", 1, "--backbone", "resnet34",
                "--teacher", demo["tmp"] / "teacher" / "model_final.pth", "--output-dir", demo["tmp"] / "bad2")
-    one_line_error(proc, "does not match the student", "--init imagenet")
+    one_line_error(proc, "--backbone resnet34 (teacher resnet18)", "--init imagenet")
+
+
+def test_a_thinner_student_cannot_start_from_the_teacher(demo):
+    proc = run("train_student.py", *TINY, *data_flags(demo["data"]), "--iters", 1, "--fpn-channels", 16,
+               "--head-convs", 0, "--teacher", demo["tmp"] / "teacher" / "model_final.pth",
+               "--output-dir", demo["tmp"] / "bad6")
+    one_line_error(proc, "--init teacher", "--fpn-channels 16 (teacher 32), --head-convs 0 (teacher 1)",
+                   "--init imagenet or --init scratch")
+    assert not (demo["tmp"] / "bad6").exists()  # refused before any work started
 
 
 def test_evaluate_refuses_a_branch_the_checkpoint_lacks(demo):
