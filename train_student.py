@@ -10,12 +10,15 @@ COCO on 8 GPUs (students: batch 16, 90k iterations):
         --teacher runs/coco_teacher/model_final.pth --amp bf16 --output-dir runs/coco_student
 Ablation without distillation (same student, same schedule):  ... --kd-weight 0
 """
+import os
+
 import torch
 
 from msad import runner
 from msad.cli import model_config, resolve, run_script, training_parser
-from msad.distill import DISTANCES, FeatureDistillation
-from msad.engine import load_checkpoint
+from msad.diagnostics import StudentProbe, probe_iterations
+from msad.distill import DISTANCES, NORMALIZE, FeatureDistillation
+from msad.engine import LOG, load_checkpoint
 from msad.models import DistilledStudent, ModelConfig, build_model, init_backbone, load_partial
 
 ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "lr_mode")
@@ -26,8 +29,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default="runs/teacher/model_final.pth", help="teacher checkpoint (kind teacher)")
     g.add_argument("--kd-weight", type=float, default=0.2 * 3, help="alpha * T (0.2 x 3); 0 trains without KD")
-    g.add_argument("--kd-warmup", type=int, default=500, help="iterations of the linear KD warm-up")
+    g.add_argument("--kd-warmup", type=int, help="iterations of the linear KD warm-up (the preset's; 500 on COCO)")
     g.add_argument("--kd-loss", choices=sorted(DISTANCES), default="l1", help="feature distance")
+    g.add_argument("--kd-norm", choices=NORMALIZE, default="none",
+                   help="none (released): mean |S-F| per level; level: divided by mean |F| of that level")
     g.add_argument("--init", choices=("teacher", "imagenet", "scratch"), default="teacher",
                    help="student initialisation: teacher backbone+FPN+head (released code), ImageNet, or random")
     return p.parse_args(argv)
@@ -64,15 +69,17 @@ def main(argv=None):
     if args.init == "imagenet":
         init_backbone(student, args.backbone_weights)
     student = runner.prepare_model(student, args, info)
-    kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss)
-    trainable = runner.ddp(DistilledStudent(student, kd), info)
+    kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss, args.kd_norm)
+    probe = StudentProbe(probe_iterations(args.iters), os.path.join(args.output_dir, LOG))
+    trainable = runner.ddp(DistilledStudent(student, kd, probe), info)
 
     def step(batch, iteration):
         teacher_feats = teacher.distillation_targets(batch) if args.kd_weight > 0 else None  # no_grad inside
         return trainable(batch, teacher_feats, iteration)
 
     result = runner.fit(args, info, "student", student, step, train_set)
-    return runner.finish(args, info, student, result, {"kind": "student", "kd_weight": args.kd_weight})
+    diagnostics = {"diagnostics": probe.summary()} if probe.records else {}
+    return runner.finish(args, info, student, result, {"kind": "student", "kd_weight": args.kd_weight, **diagnostics})
 
 
 if __name__ == "__main__":

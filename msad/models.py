@@ -33,6 +33,7 @@ class ModelConfig:
     p6_from: str = "c5"
     lr_mode: str = "nearest"
     fusion: bool = True
+    cff_hidden: int = 0  # C-FF gate hidden width; 0 = fpn_channels / 8 (released)
     fused_weight: float = 0.4
     score_thresh: float = 0.05
     pre_nms_top_n: int = 1000
@@ -111,7 +112,7 @@ class MultiScaleTeacher(FCOS):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, 1.0, fpn_levels=range(2, 8))
-        self.fusion = CrossFeatureFusion(cfg.fpn_channels) if cfg.fusion else None
+        self.fusion = CrossFeatureFusion(cfg.fpn_channels, cfg.cff_hidden) if cfg.fusion else None
         self.branch = "fused" if cfg.fusion else "hr"  # which branch inference returns
 
     def pyramids(self, x: torch.Tensor):
@@ -157,14 +158,16 @@ class DistilledStudent(nn.Module):
     """Training wrapper of the student (Sec. 3.4): FCOS losses on the LR image + feature distillation
     towards the frozen teacher's fused pyramid, which the caller computes outside DDP under no_grad."""
 
-    def __init__(self, student: FCOS, distill):
+    def __init__(self, student: FCOS, distill, probe=None):
         super().__init__()
-        self.student, self.distill = student, distill
+        self.student, self.distill, self.probe = student, distill, probe  # probe: diagnostics.StudentProbe
 
     def forward(self, batch, teacher_feats=None, iteration: int = 0):
         losses, feats = self.student(batch, return_features=True)
         if teacher_feats is not None:
             losses |= self.distill(feats, teacher_feats, iteration)
+            if self.probe is not None:
+                self.probe(iteration, losses, feats, teacher_feats)
         return losses
 
 
