@@ -21,8 +21,7 @@ PRESETS = {
         "common": dict(data_root="data/coco", backbone="resnet50", width=1.0, norm="frozen_bn", freeze_at=2,
                        fpn_channels=256, head_convs=4, train_sizes=COCO_SIZES, max_size=1333, test_size=800,
                        backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5", lr_mode="nearest", checkpoint_period=5000,
-                       cff_hidden=0,
-                       eval_batch_size=8, workers=4),
+                       eval_batch_size=8, workers=4, cff_hidden=0),
         # Released MSAD teachers: batch 8, lr 0.01, 180k iterations, steps at 120k and 160k.
         "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
         # Students (and the 1x FCOS baselines): batch 16, lr 0.01, 90k iterations, steps at 60k and 80k.

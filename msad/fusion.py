@@ -1,7 +1,8 @@
 """Crossing feature-level fusion, C-FF (MSAD Sec. 3.3).
 
 For each aligned pair (P^H, P^L) of B x C x h x w maps: concatenate on channels, global-average-pool,
-Linear(2C -> H, no bias) with H = C/8 as released (or a given `hidden` width), ReLU, Linear(-> 2, no bias), softmax -> (a_H, a_L) per image and level;
+Linear(2C -> H, no bias) with H = C/8 as released (or a given `hidden` width), ReLU, Linear(-> 2, no bias),
+softmax -> (a_H, a_L) per image and level;
 F = a_H * P^H + a_L * P^L. One module (one set of weights) serves all five level positions.
 """
 import torch
