@@ -18,7 +18,9 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reproduce import ROOT, steps  # noqa: E402  (the lr steps scaled to a budget, as in the table)
+
 # name -> train_student.py flags; "w" weight, "wu" warm-up, l1/l2 distance, "lv" per-level normalisation
 KD = {
     "released": ["--kd-weight", 0.6, "--kd-warmup", 500],
@@ -30,11 +32,6 @@ KD = {
     "l2w2": ["--kd-weight", 2, "--kd-warmup", 100, "--kd-loss", "l2"],
 }
 KEEP = ("AP", "AP50", "APs", "APm", "APl", "cff_weights", "diagnostics", "time_s", "iterations")
-
-
-def steps(iters: int) -> str:
-    """The demo preset's lr steps (300, 370 of 400) scaled to another budget."""
-    return f"{round(iters * 0.75)},{round(iters * 0.925)}"
 
 
 class Sweep:
