@@ -17,12 +17,14 @@ the last --hr-sizes entry; LR: half of it). Rows (json keys):
                  and without distillation (needs train_student.py's light-student flags)
 
 The teacher's budget is a parameter (--teacher-iters, a list: the first is the main table, every other one
-repeats the teacher, its two outputs, kd_scratch, student and student_nokd). Rows that do not depend on it are trained once per seed.
+repeats the teacher, its two outputs, kd_scratch, student and student_nokd). Rows that do not depend on it
+are trained once per seed.
 Every training run uses the demo preset with lr steps at 75% and 92.5% of its own budget.
 
-    python benchmarks/reproduce.py                   # 3 seeds, teachers 1600 and 400 (about 2.5 h on 2 CPU cores)
-    python benchmarks/reproduce.py --seeds 0 --teacher-iters 400 --iters 200   # the quick variant
+    python benchmarks/reproduce.py               # 3 seeds, teachers 1600 and 400 (estimated 2.5 h on 2 CPU cores)
+    python benchmarks/reproduce.py --seeds 0 --teacher-iters 400 --iters 200     # the quick variant
     python benchmarks/reproduce.py --resume-table                          # after a failure: skip finished rows
+    python benchmarks/reproduce.py --device cuda --parallel 14             # a GPU machine: 4 to 5 min on an H200
 
 Each finished row is written to benchmarks/results/reproduce.{json,md} at once; a failed row is named
 (row, seed, log file) and the others go on. Runs go through train_teacher.py, train_student.py and
