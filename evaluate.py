@@ -14,6 +14,7 @@ import os
 from msad import dist, runner
 from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script
 from msad.data import CocoDetection
+from msad.diagnostics import CFFWeights
 from msad.engine import load_checkpoint, write_json_atomic
 from msad.evaluation import check_results, coco_evaluate, load_results, visualize
 from msad.models import model_from_checkpoint
@@ -69,8 +70,11 @@ def main(argv=None):
     args = resolve(args, "student")
     info = runner.start(args, training=False)
     model = model_from_checkpoint(ckpt, args.checkpoint, args.branch).to(info.device)
-    metrics = runner.evaluate_model(args, info, model, output_dir=args.output_dir)
+    with CFFWeights(model if getattr(model, "branch", None) == "fused" else None) as cff:  # C-FF a_H, a_L
+        metrics = runner.evaluate_model(args, info, model, output_dir=args.output_dir)
+    cff_weights = cff.summary()  # a collective: every rank calls it
     if info.is_main:
+        metrics |= {"cff_weights": cff_weights} if cff_weights else {}
         metrics |= {"checkpoint": args.checkpoint, "kind": ckpt["kind"], "branch": getattr(model, "branch", None)
                     or ("lr" if ckpt["kind"] == "student" else "hr"), "test_size": args.test_size}
         if args.vis:

@@ -1,7 +1,8 @@
 """Stage 2 of MSAD: distil the frozen multi-scale teacher into a low-resolution student (paper Sec. 3.4).
 
 The student is FCOS on P2..P6 of the half-size image; its pyramid imitates the teacher's fused pyramid
-with L_KD = 0.2 * 3 * sum_l mean |S_l - F_l| (linear warm-up over 500 iterations), on top of its FCOS loss.
+with L_KD = 0.2 * 3 * sum_l mean |S_l - F_l| (linear warm-up over 500 iterations; 100 in the 400-iteration
+demo), on top of its FCOS loss. At 5 iterations it logs diagnostics to log.jsonl (msad/diagnostics.py).
 
 CPU demo (after `python train_teacher.py`):
     python train_student.py
@@ -12,12 +13,15 @@ Ablation without distillation (same student, same schedule):  ... --kd-weight 0
 A light student (thin FPN, no head towers), distilled through 1x1 adapters, initialised from ImageNet:
     ... train_student.py --preset coco --fpn-channels 128 --head-convs 0 --init imagenet ...
 """
+import os
+
 import torch
 
 from msad import runner
 from msad.cli import model_config, resolve, run_script, training_parser
-from msad.distill import DISTANCES, FeatureDistillation, build_adapters
-from msad.engine import load_checkpoint
+from msad.diagnostics import StudentProbe, probe_iterations
+from msad.distill import DISTANCES, NORMALIZE, FeatureDistillation, build_adapters
+from msad.engine import LOG, load_checkpoint
 from msad.models import DistilledStudent, ModelConfig, build_model, init_backbone, load_partial
 
 ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "lr_mode")
@@ -29,8 +33,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default="runs/teacher/model_final.pth", help="teacher checkpoint (kind teacher)")
     g.add_argument("--kd-weight", type=float, default=0.2 * 3, help="alpha * T (0.2 x 3); 0 trains without KD")
-    g.add_argument("--kd-warmup", type=int, default=500, help="iterations of the linear KD warm-up")
+    g.add_argument("--kd-warmup", type=int, help="iterations of the linear KD warm-up (the preset's; 500 on COCO)")
     g.add_argument("--kd-loss", choices=sorted(DISTANCES), default="l1", help="feature distance")
+    g.add_argument("--kd-norm", choices=NORMALIZE, default="none",
+                   help="none (released): mean |S-F| per level; level: divided by mean |F| of that level")
     g.add_argument("--init", choices=("teacher", "imagenet", "scratch"), default="teacher",
                    help="student initialisation: teacher backbone+FPN+head (released code), ImageNet, or random")
     return p.parse_args(argv)
@@ -77,11 +83,12 @@ def main(argv=None):
     if args.init == "imagenet":
         init_backbone(student, args.backbone_weights)
     student = runner.prepare_model(student, args, info)
-    kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss)
+    kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss, args.kd_norm)
     # A student thinner than the teacher distils through 1x1 adapters (trained, kept out of the student).
     adapters = build_adapters(args.fpn_channels, ckpt["args"]["fpn_channels"]) if args.kd_weight > 0 else None
     adapters = adapters.to(info.device) if adapters is not None else None
-    trainable = runner.ddp(DistilledStudent(student, kd, adapters), info)
+    probe = StudentProbe(probe_iterations(args.iters), os.path.join(args.output_dir, LOG))
+    trainable = runner.ddp(DistilledStudent(student, kd, adapters, probe), info)
 
     def step(batch, iteration):
         teacher_feats = teacher.distillation_targets(batch) if args.kd_weight > 0 else None  # no_grad inside
@@ -89,7 +96,8 @@ def main(argv=None):
 
     result = runner.fit(args, info, "student", student, step, train_set,
                         aux={"adapters": adapters} if adapters is not None else None)
-    return runner.finish(args, info, student, result, {"kind": "student", "kd_weight": args.kd_weight})
+    diagnostics = {"diagnostics": probe.summary()} if probe.records else {}
+    return runner.finish(args, info, student, result, {"kind": "student", "kd_weight": args.kd_weight, **diagnostics})
 
 
 if __name__ == "__main__":

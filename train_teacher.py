@@ -24,6 +24,7 @@ def parse_args(argv=None):
     g.add_argument("--mode", choices=("aligned", "single"), default="aligned",
                    help="aligned: MSAD teacher (HR P3-P7 + LR P2-P6 + fused); single: vanilla FCOS on P3-P7")
     g.add_argument("--no-fusion", action="store_true", help="aligned multi-scale training without C-FF (ablation)")
+    g.add_argument("--cff-hidden", type=int, help="C-FF gate hidden width (default: the preset's; 0 = FPN width / 8)")
     g.add_argument("--fused-weight", type=float, default=0.4, help="loss weight of the fused branch")
     args = p.parse_args(argv)
     return resolve(args, "teacher" if args.mode == "aligned" else "fcos")

@@ -1,131 +1,288 @@
-"""The paper's comparison (MSAD Table 1 / method.md Sec. 7) in miniature, on the built-in demo data.
+"""What each part of MSAD buys (paper Table 1 and Sec. 4.2 ablations), as a controlled ablation on the demo data.
 
-One command trains every model with the same iteration budget and seed, evaluates each at its test
-resolution, and writes one table (markdown + JSON) under benchmarks/results/:
+Every row is trained with the same data, schedule shape and seeds, and tested at its own resolution (HR:
+the last --hr-sizes entry; LR: half of it). Rows (json keys):
 
-  1. vanilla FCOS, trained and tested at the high resolution (P3..P7)
-  2. vanilla FCOS, trained and tested at the low resolution (P3..P7)   - the naive low-res model
-  3. vanilla multi-scale FCOS (both resolutions, P3..P7), tested at the low resolution
-  4. the aligned teacher's LR branch alone, at the low resolution (aligned multi-scale training)
-  5. the MSAD fused teacher (HR + LR)
-  6. the MSAD student at the low resolution, and the same student trained with --kd-weight 0
+  fcos_hr        vanilla FCOS on P3..P7, HR train and test
+  fcos_lr        the naive LR detector: FCOS on P3..P7, LR train and test
+  fcos_ms        vanilla multi-scale training (LR + HR sizes), LR test
+  shift_scratch  the student architecture (P2..P6 on the half image), from scratch, no teacher: the pyramid shift
+  kd_scratch     the same + distillation from the fused teacher: same init, same budget, distillation alone
+  teacher_lr     the MSAD teacher's LR branch (aligned multi-scale training, Sec. 3.2), LR test
+  teacher_fused  the MSAD teacher's fused output (C-FF, Sec. 3.3), HR + LR input
+  student        the released recipe: initialised from the teacher, distilled (Sec. 3.4)
+  student_nokd   the same with --kd-weight 0
+  fcos_lr_2x     the naive LR detector given the teacher's and the student's budgets together (equal compute)
+  light_student, light_student_nokd   a narrow student (--fpn-channels F --head-convs 0, from scratch) with
+                 and without distillation (needs train_student.py's light-student flags)
 
-    python benchmarks/reproduce.py                       # seeds 0 and 1, demo preset: 30 min on 2 CPU cores
-    python benchmarks/reproduce.py --seeds 0 --iters 200 # quicker, noisier
-Every run goes through train_teacher.py / train_student.py / evaluate.py exactly as a user runs them.
+The teacher's budget is a parameter (--teacher-iters, a list: the first is the main table, every other one
+repeats the teacher, its two outputs, kd_scratch, student and student_nokd). Rows that do not depend on it
+are trained once per seed.
+Every training run uses the demo preset with lr steps at 75% and 92.5% of its own budget.
+
+    python benchmarks/reproduce.py               # 3 seeds, teachers 1600 and 400 (estimated 2.5 h on 2 CPU cores)
+    python benchmarks/reproduce.py --seeds 0 --teacher-iters 400 --iters 200     # the quick variant
+    python benchmarks/reproduce.py --resume-table                          # after a failure: skip finished rows
+    python benchmarks/reproduce.py --device cuda --parallel 14             # a GPU machine: 4 to 5 min on an H200
+
+Each finished row is written to benchmarks/results/reproduce.{json,md} at once; a failed row is named
+(row, seed, log file) and the others go on. Runs go through train_teacher.py, train_student.py and
+evaluate.py exactly as a user runs them, one at a time (--parallel N for a GPU machine).
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("AP", "AP50", "APs", "APm", "APl")
+KEEP = METRICS + ("params_m", "gflops", "cff_weights", "diagnostics")
+LABELS = {
+    "fcos_hr": "FCOS, HR train / HR test",
+    "fcos_lr": "FCOS, LR train / LR test (naive low-res)",
+    "fcos_ms": "FCOS, multi-scale train / LR test",
+    "shift_scratch": "student arch. (P2-P6 on the half image), scratch, no teacher",
+    "kd_scratch": "same + distillation (scratch)",
+    "teacher_lr": "MSAD teacher, LR branch",
+    "teacher_fused": "MSAD teacher, fused (HR + LR)",
+    "student": "MSAD student: teacher init + distillation",
+    "student_nokd": "same, --kd-weight 0",
+    "fcos_lr_2x": "naive LR FCOS, teacher + student budgets",
+    "light_student": "light student (FPN {F}, no head convs) + distillation",
+    "light_student_nokd": "same, --kd-weight 0",
+}
+SHORT_BUDGET_ROWS = ("teacher", "teacher_lr", "teacher_fused", "kd_scratch", "student", "student_nokd")
+GAINS = {"distillation, from scratch": ("kd_scratch", "shift_scratch"),
+         "distillation, teacher init": ("student", "student_nokd"),
+         "pyramid shift": ("shift_scratch", "fcos_lr"),
+         "student vs equal-compute naive LR": ("student", "fcos_lr_2x"),
+         "distillation, light student": ("light_student", "light_student_nokd")}
 
 
-def run(script, *args, log):
-    """Run one script as a user would; return its final JSON line."""
-    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
-    print("$", " ".join(cmd[1:]), flush=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log}")
-    return json.loads(lines[-1])
+def steps(iters: int) -> str:
+    """The demo preset's lr steps (300 and 370 of 400), scaled to another budget."""
+    return f"{round(iters * 0.75)},{round(iters * 0.925)}"
 
 
-def plan(args, out):
-    """Rows of the table: (key, label, test resolution, list of (script, args))."""
+def plan(args, seed: int) -> list:
+    """Jobs of one seed: (table, row, depends on, [(script, args)]). table None: shared by every teacher budget."""
     hr, lr = args.hr_sizes, [s // 2 for s in args.hr_sizes]
-    hr_test, lr_test = args.hr_sizes[-1], args.hr_sizes[-1] // 2
-    common = ["--iters", args.iters, "--seed", args.seed, "--device", args.device]
-    common += ["--workers", args.workers] if args.workers is not None else []
+    hr_test, lr_test = hr[-1], hr[-1] // 2
     fmt = lambda sizes: ",".join(map(str, sizes))
-    d = lambda name: os.path.join(out, name)
-    teacher_ckpt = os.path.join(d("teacher"), "model_final.pth")
-    student = ["train_student.py", *common, "--teacher", teacher_ckpt, "--no-eval"]
-    return [
-        ("fcos_hr", "1. FCOS, HR train / HR test", hr_test,
-         [("train_teacher.py", [*common, "--mode", "single", "--train-sizes", fmt(hr), "--test-size", hr_test,
-                                "--output-dir", d("fcos_hr")])]),
-        ("fcos_lr", "2. FCOS, LR train / LR test (naive low-res)", lr_test,
-         [("train_teacher.py", [*common, "--mode", "single", "--train-sizes", fmt(lr), "--test-size", lr_test,
-                                "--max-size", args.max_size // 2, "--output-dir", d("fcos_lr")])]),
-        ("fcos_ms", "3. FCOS, multi-scale train / LR test", lr_test,
-         [("train_teacher.py", [*common, "--mode", "single", "--train-sizes", fmt(lr + hr), "--test-size", lr_test,
-                                "--output-dir", d("fcos_ms")])]),
-        ("teacher_lr", "4. aligned multi-scale teacher, LR branch / LR test", lr_test,
-         [("train_teacher.py", [*common, "--train-sizes", fmt(hr), "--test-size", hr_test, "--no-eval",
-                                "--output-dir", d("teacher")]),
-          ("evaluate.py", ["--checkpoint", teacher_ckpt, "--branch", "lr", "--output-dir", d("teacher_lr")])]),
-        ("teacher_fused", "5. MSAD teacher, fused (HR + LR input)", f"{hr_test}+{lr_test}",
-         [("evaluate.py", ["--checkpoint", teacher_ckpt, "--branch", "fused", "--output-dir", d("teacher_fused")])]),
-        ("student", "6. MSAD student (KD) / LR test", lr_test,
-         [(student[0], [*student[1:], "--output-dir", d("student")]),
-          ("evaluate.py", ["--checkpoint", os.path.join(d("student"), "model_final.pth"), "--output-dir",
-                           d("student_eval")])]),
-        ("student_nokd", "6b. same student, --kd-weight 0 / LR test", lr_test,
-         [(student[0], [*student[1:], "--kd-weight", 0, "--output-dir", d("student_nokd")]),
-          ("evaluate.py", ["--checkpoint", os.path.join(d("student_nokd"), "model_final.pth"), "--output-dir",
-                           d("student_nokd_eval")])]),
+    out = lambda name: os.path.join(args.runs, f"seed{seed}", name)
+    base = ["--overwrite", "--seed", seed, "--device", args.device, *(["--workers", args.workers] if args.workers is not None else []),
+            *args.extra.split()]
+    budget = lambda n: ["--iters", n, "--steps", steps(n)]
+    fcos = lambda name, n, *flags: ("train_teacher.py", [*base, *budget(n), "--mode", "single", *flags,
+                                                         "--output-dir", out(name)])
+    student = lambda name, *flags: ("train_student.py", [*base, *budget(args.iters), *flags, "--output-dir", out(name)])
+    light = ["--fpn-channels", args.light_fpn_channels, "--head-convs", 0, "--init", "scratch"]
+    jobs = [
+        (None, "fcos_hr", None, [fcos("fcos_hr", args.iters, "--train-sizes", fmt(hr), "--test-size", hr_test)]),
+        (None, "fcos_lr", None, [fcos("fcos_lr", args.iters, "--train-sizes", fmt(lr), "--test-size", lr_test,
+                                      "--max-size", args.max_size // 2)]),
+        (None, "fcos_ms", None, [fcos("fcos_ms", args.iters, "--train-sizes", fmt(lr + hr), "--test-size", lr_test)]),
+        (None, "shift_scratch", None, [student("shift_scratch", "--init", "scratch", "--kd-weight", 0)]),
+        (None, "light_student_nokd", None, [student("light_student_nokd", *light, "--kd-weight", 0)]),
     ]
+    for t in args.teacher_iters:  # budgets after the first: only the rows that show the dependence (CPU time)
+        name = f"teacher{t}"
+        ckpt = os.path.join(out(name), "model_final.pth")
+        teacher = ["--teacher", ckpt]
+        evaluate = lambda branch: ("evaluate.py", ["--checkpoint", ckpt, "--branch", branch, "--device", args.device,
+                                                   "--output-dir", out(f"{name}_{branch}")])
+        jobs += [
+            (t, "teacher", None, [("train_teacher.py", [*base, *budget(t), "--train-sizes", fmt(hr), "--test-size",
+                                                        hr_test, "--no-eval", "--output-dir", out(name)])]),
+            (t, "teacher_lr", "teacher", [evaluate("lr")]),
+            (t, "teacher_fused", "teacher", [evaluate("fused")]),
+            (t, "kd_scratch", "teacher", [student(f"kd_scratch_t{t}", "--init", "scratch", *teacher)]),
+            (t, "student", "teacher", [student(f"student_t{t}", *teacher)]),
+            (t, "student_nokd", "teacher", [student(f"student_nokd_t{t}", *teacher, "--kd-weight", 0)]),
+            (t, "fcos_lr_2x", None, [fcos(f"fcos_lr_2x_t{t}", t + args.iters, "--train-sizes", fmt(lr),
+                                          "--test-size", lr_test, "--max-size", args.max_size // 2)]),
+            (t, "light_student", "teacher", [student(f"light_student_t{t}", *light, *teacher)]),
+        ]
+    jobs = [j for j in jobs if j[0] in (None, args.teacher_iters[0]) or j[1] in SHORT_BUDGET_ROWS]
+    jobs = [j for j in jobs if not args.rows or j[1] in args.rows or (j[1] == "teacher" and any(
+        dep == "teacher" and row in args.rows for _, row, dep, _ in jobs))]
+    return jobs
 
 
-def one_seed(args) -> dict:
-    out = os.path.join(args.runs, f"seed{args.seed}")
-    os.makedirs(out, exist_ok=True)
-    rows = {}
-    for key, label, test, steps in plan(args, out):
-        t0 = time.time()
-        for i, (script, script_args) in enumerate(steps):
-            result = run(script, *script_args, log=os.path.join(out, f"{key}_{i}.log"))
-        rows[key] = {"label": label, "test": test, **{m: result[m] for m in METRICS},
-                     "wall_s": round(time.time() - t0, 1)}
-        print(json.dumps({key: rows[key]}), flush=True)
-    return rows
+class Table:
+    """The results file: {"meta", "runs": {"table/row/seed": final metrics}}; rewritten after every run."""
+
+    def __init__(self, args):
+        self.args, self.lock, self.failed = args, threading.Lock(), []
+        self.runs = {}
+        if args.resume_table and os.path.exists(args.out + ".json"):
+            with open(args.out + ".json") as f:
+                self.runs = json.load(f).get("runs", {})
+
+    def put(self, key: str, metrics: dict):
+        with self.lock:
+            self.runs[key] = metrics
+            self.write()
+
+    def rows(self, table: int) -> dict:
+        """row -> {"seeds": {seed: metrics}, "mean": {...}, "std": {...}} for one teacher budget."""
+        out = {}
+        for key, m in self.runs.items():
+            t, row, seed = key.split("/")
+            if t in ("shared", str(table)) and row != "teacher":
+                out.setdefault(row, {"seeds": {}})["seeds"][seed] = m
+        for row in out.values():
+            aps = {k: [m[k] for m in row["seeds"].values()] for k in METRICS}
+            row["mean"] = {k: round(statistics.mean(v), 2) for k, v in aps.items()}
+            row["std"] = {k: round(statistics.stdev(v), 2) if len(v) > 1 else 0.0 for k, v in aps.items()}
+        return dict(sorted(out.items(), key=lambda kv: list(LABELS).index(kv[0])))
+
+    def gains(self, rows: dict) -> dict:
+        """Paired differences (same seed) of AP: mean, std over seeds, and the seeds used."""
+        out = {}
+        for name, (a, b) in GAINS.items():
+            if a in rows and b in rows:
+                seeds = sorted(set(rows[a]["seeds"]) & set(rows[b]["seeds"]))
+                d = [rows[a]["seeds"][s]["AP"] - rows[b]["seeds"][s]["AP"] for s in seeds]
+                if d:
+                    out[name] = {"rows": f"{a} - {b}", "mean": round(statistics.mean(d), 2),
+                                 "std": round(statistics.stdev(d), 2) if len(d) > 1 else 0.0, "seeds": len(d)}
+        return out
+
+    def write(self):
+        a = self.args
+        tables = {str(t): {"rows": (rows := self.rows(t)), "gains": self.gains(rows)} for t in a.teacher_iters}
+        meta = {"iters": a.iters, "teacher_iters": a.teacher_iters, "hr_sizes": a.hr_sizes, "seeds": a.seeds,
+                "device": a.device, "extra": a.extra, "wall_s": round(time.time() - a.t0)}
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        for path, text in ((a.out + ".json", json.dumps({"meta": meta, "tables": tables, "runs": self.runs}, indent=1)),
+                           (a.out + ".md", markdown(tables, a) + "\n\n" + json.dumps(meta))):
+            with open(path + ".tmp", "w") as f:
+                f.write(text + "\n")
+            os.replace(path + ".tmp", path)
 
 
-def table(results: dict) -> str:
-    seeds = sorted(results)
-    head = "| model | test px | " + " | ".join(f"{m} (seed {s})" if m == "AP" else m for s in seeds[:1]
-                                                for m in METRICS) + "".join(f" | AP (seed {s})" for s in seeds[1:]) + " |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for key, row in results[seeds[0]].items():
-        cells = [row["label"], str(row["test"])] + [f"{row[m]:.1f}" for m in METRICS]
-        cells += [f"{results[s][key]['AP']:.1f}" for s in seeds[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
+def markdown(tables: dict, args) -> str:
+    lines = []
+    for t, table in tables.items():
+        lines += [f"Teacher budget {t} iterations, other runs {args.iters}; AP mean ± std over seeds "
+                  f"{','.join(map(str, args.seeds))}.", "",
+                  "| row | model | AP | AP50 | APs | APm | APl | AP per seed |", "|---|---|---|---|---|---|---|---|"]
+        for row, r in table["rows"].items():
+            label = LABELS[row].format(F=args.light_fpn_channels)
+            cells = [f"{r['mean'][m]:.1f} ± {r['std'][m]:.1f}" if m == "AP" else f"{r['mean'][m]:.1f}" for m in METRICS]
+            per_seed = " / ".join(f"{r['seeds'][s]['AP']:.1f}" for s in sorted(r["seeds"]))
+            lines.append(f"| `{row}` | {label} | " + " | ".join(cells) + f" | {per_seed} |")
+        lines += [""] + [f"* {name} (`{g['rows']}`): {g['mean']:+.1f} ± {g['std']:.1f} AP over {g['seeds']} seeds"
+                         for name, g in table["gains"].items()]
+        cff = [r["cff_weights"]["a_H"] for r in table["rows"].get("teacher_fused", {}).get("seeds", {}).values()
+               if "cff_weights" in r]
+        if cff:
+            lines.append("* C-FF a_H per level position (P3/P2 ... P7/P6), mean over seeds: "
+                         + ", ".join(f"{sum(v) / len(v):.2f}" for v in zip(*cff)))
+        lines.append("")
     return "\n".join(lines)
+
+
+def run_job(args, table: Table, key: str, steps_: list, log: str) -> bool:
+    """Run one row's scripts in order; store the last script's final line under `key`. False on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if args.parallel > 1 else "")}
+    env = {k: v for k, v in env.items() if v != ""}
+    t0, result = time.time(), None
+    for script, script_args in steps_:
+        cmd = [sys.executable, os.path.join(ROOT, script), *map(str, script_args)]
+        print(f"[{key}] $ {' '.join(cmd[1:])}", flush=True)
+        with open(log, "a") as f:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            row, seed = key.split("/")[1:]
+            print(f"FAILED: row {row}, seed {seed}: {script} exit {proc.returncode}; log {log}", flush=True)
+            table.failed.append(key)
+            return False
+        result = json.loads(lines[-1])
+    metrics = {k: result[k] for k in KEEP if k in result} | {"wall_s": round(time.time() - t0, 1)}
+    table.put(key, metrics)
+    print(json.dumps({key: {m: metrics.get(m) for m in ("AP", "wall_s")}}), flush=True)
+    return True
+
+
+def execute(args, table: Table):
+    """All jobs, `--parallel` at a time, each after the teacher it needs; finished keys are skipped."""
+    slots, threads, done = threading.Semaphore(args.parallel), [], {}
+    jobs = [(seed, *job) for seed in args.seeds for job in plan(args, seed)]
+    if args.parallel > 1:  # the longest runs first: teachers, then the long naive LR runs, by budget
+        jobs.sort(key=lambda j: (j[2] != "teacher", j[2] != "fcos_lr_2x", -(j[1] or 0)))
+    for seed, t, row, dep, steps_ in jobs:
+        key = f"{t or 'shared'}/{row}/{seed}"
+        done[key] = threading.Event()
+        dep_key = f"{t}/{dep}/{seed}" if dep else None
+
+        def job(key=key, steps_=steps_, dep_key=dep_key, seed=seed):
+            try:
+                if dep_key:
+                    done[dep_key].wait()
+                    if dep_key not in table.runs:
+                        print(f"SKIPPED: {key}: its teacher run failed", flush=True)
+                        table.failed.append(key)
+                        return
+                if key in table.runs:
+                    return  # --resume-table: finished earlier
+                os.makedirs(os.path.join(args.runs, f"seed{seed}"), exist_ok=True)
+                with slots:
+                    run_job(args, table, key, steps_, os.path.join(args.runs, f"seed{seed}",
+                                                                   key.replace("/", "_") + ".log"))
+            finally:
+                done[key].set()
+
+        threads.append(threading.Thread(target=job, daemon=True))
+    for th in threads:  # started in plan order, so with --parallel 1 runs follow the plan
+        th.start()
+        time.sleep(0.01)
+    for th in threads:
+        th.join()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every model is trained once per seed")
-    p.add_argument("--iters", type=int, default=400, help="the shared iteration budget of every training run "
-                   "(the demo preset's; its lr steps stay at 300 and 370)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every row is trained once per seed")
+    p.add_argument("--teacher-iters", default="1600,400",
+                   help="teacher budgets; the first is the main table, the others repeat the teacher and students")
+    p.add_argument("--iters", type=int, default=400, help="budget of every other training run (students, FCOS)")
     p.add_argument("--hr-sizes", default="224,240,256", help="HR training short sides; the last is the HR test size")
     p.add_argument("--max-size", type=int, default=400)
+    p.add_argument("--light-fpn-channels", type=int, default=16, help="FPN width F of the light student rows")
+    p.add_argument("--rows", help="only these rows (comma-separated json keys); default all")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, help="data loader workers (default: the preset's)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (1 on CPU: torch processes slow each other)")
+    p.add_argument("--extra", default="", help="flags added to every training run (e.g. a tiny model for a test)")
+    p.add_argument("--resume-table", action="store_true", help="keep the rows already in --out.json, run the rest")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "reproduce"))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "reproduce"))
     args = p.parse_args(argv)
-    args.hr_sizes = [int(s) for s in args.hr_sizes.split(",")]
-    results, t0 = {}, time.time()
-    for seed in (int(s) for s in args.seeds.split(",")):
-        args.seed = seed
-        results[seed] = one_seed(args)
-    md = table(results)
-    print(md)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    meta = {"iters": args.iters, "hr_sizes": args.hr_sizes, "seeds": sorted(results), "wall_s": round(time.time() - t0)}
-    with open(args.out + ".md", "w") as f:
-        f.write(md + "\n\n" + json.dumps(meta) + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    print(json.dumps({"table": args.out + ".md", **meta}))
+    ints = lambda s: [int(v) for v in s.split(",")]
+    args.seeds, args.teacher_iters, args.hr_sizes = ints(args.seeds), ints(args.teacher_iters), ints(args.hr_sizes)
+    args.rows = set(args.rows.split(",")) if args.rows else None
+    unknown = (args.rows or set()) - set(LABELS)
+    if unknown:
+        raise SystemExit(f"error: --rows: unknown rows {sorted(unknown)}; rows are {', '.join(LABELS)}")
+    args.t0 = time.time()
+    table = Table(args)
+    execute(args, table)
+    table.write()
+    print(markdown({str(t): {"rows": (r := table.rows(t)), "gains": table.gains(r)} for t in args.teacher_iters}, args))
+    wall = round(time.time() - args.t0)
+    print(f"total time: {wall // 60} min {wall % 60} s")
+    print(json.dumps({"table": args.out + ".md", "wall_s": wall, "failed": table.failed}))
+    if table.failed:
+        raise SystemExit(f"error: {len(table.failed)} runs failed or were skipped: {', '.join(table.failed)}; "
+                         f"rerun with --resume-table to run only those")
 
 
 if __name__ == "__main__":

@@ -24,20 +24,20 @@ PRESETS = {
         "common": dict(data_root="data/coco", backbone="resnet50", width=1.0, norm="frozen_bn", freeze_at=2,
                        fpn_channels=256, head_convs=4, train_sizes=COCO_SIZES, max_size=1333, test_size=800,
                        backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5", lr_mode="nearest", checkpoint_period=5000,
-                       eval_batch_size=8, workers=4),
+                       eval_batch_size=8, workers=4, cff_hidden=0),
         # Released MSAD teachers: batch 8, lr 0.01, 180k iterations, steps at 120k and 160k.
         "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
         # Students (and the 1x FCOS baselines): batch 16, lr 0.01, 90k iterations, steps at 60k and 80k.
-        "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000)),
+        "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000), kd_warmup=500),
     },
     # The built-in demo: a narrow ResNet-18 with GroupNorm trained from scratch on data/synthetic, on CPU.
     "demo": {
         "common": dict(data_root="data/synthetic", backbone="resnet18", width=0.25, norm="gn", freeze_at=0,
                        fpn_channels=32, head_convs=2, train_sizes=(224, 240, 256), max_size=400, test_size=256,
                        backbone_weights=None, warmup_iters=100, p6_from="c5", lr_mode="nearest",
-                       checkpoint_period=100, eval_batch_size=16, workers=1),
+                       checkpoint_period=100, eval_batch_size=16, workers=1, cff_hidden=16),
         "teacher": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370)),
-        "student": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370)),
+        "student": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370), kd_warmup=100),
     },
 }
 _PRESET_STAGE = {"teacher": "teacher", "student": "student", "fcos": "student"}

@@ -8,7 +8,12 @@ A student thinner than its teacher (fewer FPN channels) distils through `Adapter
 position mapping its channels to the teacher's, the regressor of FitNets (Romero et al. 2015). They train with
 the student and are not part of the inference model. The released code has none (its student is as wide as
 its teacher).
+
+`normalize="level"` (an option, not the released code) divides each level's distance by the same distance
+to zero, mean |F_l| (or mean F_l^2 for L2), detached: every level then weighs by its relative error, whatever
+the scale of its features.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,6 +21,7 @@ DISTANCES = {
     "l1": lambda s, t: F.l1_loss(s, t),  # the paper's and the released code's choice
     "l2": lambda s, t: F.mse_loss(s, t),
 }
+NORMALIZE = ("none", "level")
 
 
 def warmup_factor(iteration: int, warmup_iters: int = 500) -> float:
@@ -26,10 +32,14 @@ def warmup_factor(iteration: int, warmup_iters: int = 500) -> float:
 class FeatureDistillation:
     """Holds no parameters: callable(student_feats, teacher_feats, iteration) -> dict of per-level terms."""
 
-    def __init__(self, weight: float = 0.2 * 3, warmup_iters: int = 500, distance: str = "l1"):
+    def __init__(self, weight: float = 0.2 * 3, warmup_iters: int = 500, distance: str = "l1",
+                 normalize: str = "none"):
         if distance not in DISTANCES:
             raise ValueError(f"--kd-loss must be one of {sorted(DISTANCES)}, got {distance!r}")
+        if normalize not in NORMALIZE:
+            raise ValueError(f"--kd-norm must be one of {NORMALIZE}, got {normalize!r}")
         self.weight, self.warmup_iters, self.distance = weight, warmup_iters, DISTANCES[distance]
+        self.normalize = normalize
 
     def __call__(self, student_feats, teacher_feats, iteration: int):
         if len(student_feats) != len(teacher_feats):
@@ -40,7 +50,11 @@ class FeatureDistillation:
             if s.shape != t.shape:
                 raise ValueError(f"distillation level {i}: student P{i + 2} {tuple(s.shape)} != teacher fused "
                                  f"level {i} {tuple(t.shape)}")
-            losses[f"loss_kd_p{i + 2}"] = w * self.distance(s.float(), t.float())
+            s, t = s.float(), t.float()
+            d = self.distance(s, t)
+            if self.normalize == "level":
+                d = d / self.distance(torch.zeros_like(t), t).clamp_min(1e-6)
+            losses[f"loss_kd_p{i + 2}"] = w * d
         return losses
 
 

@@ -33,6 +33,7 @@ class ModelConfig:
     p6_from: str = "c5"
     lr_mode: str = "nearest"
     fusion: bool = True
+    cff_hidden: int = 0  # C-FF gate hidden width; 0 = fpn_channels / 8 (released)
     fused_weight: float = 0.4
     score_thresh: float = 0.05
     pre_nms_top_n: int = 1000
@@ -111,7 +112,7 @@ class MultiScaleTeacher(FCOS):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, 1.0, fpn_levels=range(2, 8))
-        self.fusion = CrossFeatureFusion(cfg.fpn_channels) if cfg.fusion else None
+        self.fusion = CrossFeatureFusion(cfg.fpn_channels, cfg.cff_hidden) if cfg.fusion else None
         self.branch = "fused" if cfg.fusion else "hr"  # which branch inference returns
 
     def pyramids(self, x: torch.Tensor):
@@ -159,15 +160,18 @@ class DistilledStudent(nn.Module):
     `adapters` (distill.Adapters, a student thinner than its teacher) map the student's pyramid to the
     teacher's width first; they live here, beside the student, so they train with it but stay out of it."""
 
-    def __init__(self, student: FCOS, distill, adapters: nn.Module | None = None):
+    def __init__(self, student: FCOS, distill, adapters: nn.Module | None = None, probe=None):
         super().__init__()
         self.student, self.distill, self.adapters = student, distill, adapters
+        self.probe = probe  # diagnostics.StudentProbe
 
     def forward(self, batch, teacher_feats=None, iteration: int = 0):
         losses, feats = self.student(batch, return_features=True)
         if teacher_feats is not None:
-            feats = self.adapters(feats) if self.adapters is not None else feats
-            losses |= self.distill(feats, teacher_feats, iteration)
+            mapped = self.adapters(feats) if self.adapters is not None else feats  # teacher's width
+            losses |= self.distill(mapped, teacher_feats, iteration)
+            if self.probe is not None:
+                self.probe(iteration, losses, feats, mapped, teacher_feats)
         return losses
 
 

@@ -58,7 +58,9 @@ def test_student_script_saves_only_the_student_and_logs_kd_terms(demo):
     final = torch.load(out / "model_final.pth", weights_only=True)
     assert final["kind"] == "student"
     assert not any(k.startswith("fusion.") for k in final["model"])  # no teacher tensors
-    log = read_jsonl(out / "log.jsonl")
+    lines = read_jsonl(out / "log.jsonl")
+    log = [r for r in lines if "diagnostics" not in r]  # the loss lines; the others are diagnostics probes
+    assert [r["iter"] for r in lines if r.get("diagnostics") == "student_probe"] == [0, 1, 2]
     assert {f"loss_kd_p{l}" for l in range(2, 7)} <= set(log[-1])
     assert log[0]["loss_kd_p2"] == 0.0  # warm-up: w(0) = 0 at the first iteration
     assert log[-1]["loss_kd_p2"] > 0.0

@@ -1,0 +1,162 @@
+"""How the demo's distillation settings were chosen: a grid over the allowed levers, on a tuning split.
+
+The tuning split is generated with another seed than the demo data (`--data`, default data/synthetic_tune,
+seed 1), so no constant is chosen on the demo's validation images. For each teacher budget, C-FF hidden
+width and seed, it trains a teacher, evaluates its fused output (with the C-FF weights) and its LR branch,
+then trains students from the teacher's weights and from scratch, without distillation and with each
+distillation setting. Runs go through the scripts as a user runs them; `--parallel` runs several at once
+(meant for a GPU machine: on 2 CPU cores use 1). Each finished run is added to `--out` at once, so a run
+cut short keeps what finished.
+
+    python benchmarks/tune_distillation.py --device cuda --parallel 14 --out runs/tune/sweep.json
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reproduce import ROOT, steps  # noqa: E402  (the lr steps scaled to a budget, as in the table)
+
+# name -> train_student.py flags; "w" weight, "wu" warm-up, l1/l2 distance, "lv" per-level normalisation
+KD = {
+    "released": ["--kd-weight", 0.6, "--kd-warmup", 500],
+    "w0.6": ["--kd-weight", 0.6, "--kd-warmup", 100],
+    "w2": ["--kd-weight", 2, "--kd-warmup", 100],
+    "w6": ["--kd-weight", 6, "--kd-warmup", 100],
+    "w20": ["--kd-weight", 20, "--kd-warmup", 100],
+    "lv1": ["--kd-weight", 1, "--kd-warmup", 100, "--kd-norm", "level"],
+    "l2w2": ["--kd-weight", 2, "--kd-warmup", 100, "--kd-loss", "l2"],
+}
+KEEP = ("AP", "AP50", "APs", "APm", "APl", "cff_weights", "diagnostics", "time_s", "iterations")
+
+
+class Sweep:
+    def __init__(self, args):
+        self.args, self.results, self.lock = args, {}, threading.Lock()
+        self.slots = threading.Semaphore(args.parallel)
+        self.done = {}  # job name -> Event
+        self.deadline = time.time() + args.deadline_s
+
+    def run(self, name, cmd, log):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.PIPE, stderr=f,
+                                  text=True, env=env)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            with open(log) as f:
+                tail = f.read()[-600:]
+            raise RuntimeError(f"{name}: exit {proc.returncode}, see {log}: {tail}")
+        return json.loads(lines[-1])
+
+    def job(self, name, deps, steps_):
+        """Wait for `deps`, take a slot, run each (key, script + args); record every final line under name/key."""
+        for d in deps:
+            self.done[d].wait()
+        ok = all(self.results.get(d, {}).get("ok") for d in deps)
+        record = {"ok": False}
+        with self.slots:
+            if not ok or time.time() > self.deadline:
+                record["skipped"] = "dependency failed" if not ok else "deadline"
+            else:
+                t0 = time.time()
+                try:
+                    for key, cmd in steps_:
+                        out = self.run(f"{name}/{key}", cmd, os.path.join(self.args.logs, f"{name}.{key}.log"))
+                        record[key] = {k: out[k] for k in KEEP if k in out}
+                    record["ok"] = True
+                except Exception as e:  # one failed run must not stop the sweep
+                    record["error"] = str(e)
+                record["wall_s"] = round(time.time() - t0, 1)
+        with self.lock:
+            self.results[name] = record
+            tmp = self.args.out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"meta": vars(self.args), "results": self.results}, f, indent=1)
+            os.replace(tmp, self.args.out)
+            print(json.dumps({name: {k: v.get("AP") if isinstance(v, dict) else v for k, v in record.items()}}),
+                  flush=True)
+        self.done[name].set()
+
+    def plan(self):
+        a, jobs = self.args, []
+        data = ["--train-ann", f"{a.data}/annotations/instances_train2017.json", "--train-images", f"{a.data}/train2017",
+                "--val-ann", f"{a.data}/annotations/instances_val2017.json", "--val-images", f"{a.data}/val2017"]
+        common = [*data, "--device", a.device, *a.extra.split()]
+        runs = lambda name: os.path.join(a.runs, name)
+        for seed in a.seeds:
+            for t_iters in a.teacher_iters:
+                for hidden in a.cff_hidden:
+                    t = f"t{t_iters}_h{hidden}_s{seed}"
+                    ckpt = os.path.join(runs(t), "model_final.pth")
+                    jobs.append((t, [], [
+                        ("train", ["train_teacher.py", *common, "--seed", seed, "--iters", t_iters, "--steps",
+                                   steps(t_iters), "--cff-hidden", hidden, "--no-eval", "--output-dir", runs(t)]),
+                        ("fused", ["evaluate.py", "--checkpoint", ckpt, "--branch", "fused", *data, "--device",
+                                   a.device, "--output-dir", runs(t + "_fused")]),
+                        ("lr", ["evaluate.py", "--checkpoint", ckpt, "--branch", "lr", *data, "--device", a.device,
+                                "--output-dir", runs(t + "_lr")])]))
+        student = lambda seed: ["train_student.py", *common, "--seed", seed, "--iters", a.student_iters,
+                                "--steps", steps(a.student_iters)]
+        for kd in ["nokd", *a.kd]:
+            for seed in a.seeds:
+                for t_iters in a.teacher_iters:
+                    for hidden in a.cff_hidden:
+                        t = f"t{t_iters}_h{hidden}_s{seed}"
+                        flags = ["--kd-weight", 0] if kd == "nokd" else KD[kd]
+                        for init in a.init:
+                            if kd == "nokd" and init == "scratch" and (t_iters, hidden) != (a.teacher_iters[0],
+                                                                                           a.cff_hidden[0]):
+                                continue  # shift_scratch does not depend on the teacher: once per seed
+                            name = f"{t}_{init}_{kd}"
+                            jobs.append((name, [t], [("train", [*student(seed), "--init", init, *flags, "--teacher",
+                                                                os.path.join(runs(t), "model_final.pth"),
+                                                                "--output-dir", runs(name)])]))
+        return jobs
+
+    def start(self):
+        jobs = self.plan()
+        for name, _, _ in jobs:
+            self.done[name] = threading.Event()
+        threads = [threading.Thread(target=self.job, args=j, daemon=True) for j in jobs]
+        for th in threads:
+            th.start()
+            time.sleep(0.01)  # keep the semaphore's FIFO order close to the plan's priority order
+        for th in threads:
+            th.join()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic_tune"),
+                   help="tuning split (generate: python -m msad.synthetic --root data/synthetic_tune --seed 1)")
+    p.add_argument("--teacher-iters", default="1600,400")
+    p.add_argument("--cff-hidden", default="16,0", help="C-FF hidden widths (0: FPN width / 8)")
+    p.add_argument("--student-iters", type=int, default=400)
+    p.add_argument("--kd", default=",".join(KD), help=f"distillation settings among {list(KD)}")
+    p.add_argument("--init", default="teacher,scratch")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once")
+    p.add_argument("--deadline-s", type=float, default=1e9, help="start no run after this many seconds")
+    p.add_argument("--extra", default="", help="flags added to every training run (e.g. a tiny model for a test)")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "tune"))
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "tune", "sweep.json"))
+    args = p.parse_args(argv)
+    ints = lambda s: [int(v) for v in s.split(",")]
+    args.teacher_iters, args.cff_hidden, args.seeds = ints(args.teacher_iters), ints(args.cff_hidden), ints(args.seeds)
+    args.kd, args.init = args.kd.split(","), args.init.split(",")
+    args.logs = os.path.join(args.runs, "logs")
+    os.makedirs(args.logs, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    t0 = time.time()
+    Sweep(args).start()
+    print(json.dumps({"sweep": args.out, "wall_s": round(time.time() - t0)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
