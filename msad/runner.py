@@ -15,13 +15,14 @@ from .data import CocoDetection, build_eval_loader, build_train_loader
 from .evaluation import evaluate
 
 
-def start(args) -> dist.DistInfo:
-    """Process group, per-process batch check, seeds, and the demo data (generated once, by rank 0)."""
+def start(args, demo_data: bool = True) -> dist.DistInfo:
+    """Process group, per-process batch check, seeds, and the demo data (generated once, by rank 0, unless
+    demo_data is False: evaluate.py --images needs no dataset)."""
     if hasattr(args, "batch_size"):  # checked before the process group exists: every rank fails the same way
         args.batch_per_process = dist.check_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
     info = dist.init_distributed(args.device)
     seed_everything(args.seed, info.rank)
-    if args.preset == "demo" and not (args.train_ann or args.val_ann):
+    if demo_data and args.preset == "demo" and not (args.train_ann or args.val_ann):
         if info.is_main:
             from .synthetic import ensure_synthetic
             ensure_synthetic(args.data_root)
@@ -30,8 +31,11 @@ def start(args) -> dist.DistInfo:
 
 
 def train_dataset(args) -> CocoDetection:
+    """The training set; its category ids and names go into args, hence into every checkpoint."""
     ann, images = data_paths(args, "train")
-    return CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size)
+    dataset = CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size)
+    args.cat_ids, args.class_names = dataset.cat_ids, dataset.class_names
+    return dataset
 
 
 def val_dataset(args, test_size=None) -> CocoDetection:
@@ -78,11 +82,11 @@ def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, extra
     return engine.train(step_fn, model, optimizer, scheduler, data_iter, cfg, extra_state_fn)
 
 
-def evaluate_model(args, info, model, test_size=None, output_dir=None):
+def evaluate_model(args, info, model, test_size=None, output_dir=None, min_score=0.0):
     """COCO evaluation of `model` on the validation set (sharded; metrics on rank 0, None elsewhere)."""
     dataset = val_dataset(args, test_size)
     loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
-    return evaluate(model, loader, dataset, info.device, output_dir, args.amp)
+    return evaluate(model, loader, dataset, info.device, output_dir, args.amp, min_score)
 
 
 def finish(args, info, model, result: dict, extra: dict | None = None) -> dict | None:
