@@ -50,14 +50,15 @@ def draw(image: Image.Image, boxes, names, scores, gt_boxes=None, gt_names=None,
         x += legend_h - 4
         pen.text((x, legend_h / 2), text, fill=(0, 0, 0), font=font, anchor="lm")
         x += pen.textlength(text, font=font) + 16
-    for box, name in zip(gt_boxes if gt_boxes is not None else [], gt_names or []):
-        b = frame(box)
-        pen.rectangle(b, outline=GROUND_TRUTH_COLOUR, width=line)
-        _label(pen, font, (b[0], b[3]), str(name), GROUND_TRUTH_COLOUR, False, picture.size)
-    shown = [(b, n, s) for b, n, s in zip(boxes, names, scores) if s >= min_score]
-    for box, name, score in sorted(shown, key=lambda d: d[2]):  # the best drawn last, on top
-        b = frame(box)
+    gt = [(frame(b), n) for b, n in zip(gt_boxes if gt_boxes is not None else [], gt_names or [])]
+    shown = sorted(((frame(b), n, s) for b, n, s in zip(boxes, names, scores) if s >= min_score), key=lambda d: d[2])
+    for b, _, _ in shown:
         pen.rectangle(b, outline=DETECTION_COLOUR, width=line)
+    for b, _ in gt:  # thinner and on top: a detection that fits its object well stays visible around it
+        pen.rectangle(b, outline=GROUND_TRUTH_COLOUR, width=max(1, line // 2))
+    for b, name in gt:
+        _label(pen, font, (b[0], b[3]), str(name), GROUND_TRUTH_COLOUR, False, picture.size)
+    for b, name, score in shown:  # the best drawn last, on top
         _label(pen, font, (b[0], b[1]), f"{name} {score:.2f}", DETECTION_COLOUR, True, picture.size)
     return picture
 
