@@ -95,8 +95,9 @@ def main(argv=None):
     else:
         metrics = runner.evaluate_model(args, info, model, output_dir=args.output_dir, min_score=args.score_thresh)
         if info.is_main and args.vis:
+            count = 8 if args.vis_count is None else args.vis_count
             with open(os.path.join(args.output_dir, "detections.json")) as f:
-                items = vis.coco_items(runner.val_dataset(args), json.load(f), 8 if args.vis_count is None else args.vis_count)
+                items = vis.coco_items(runner.val_dataset(args), json.load(f), count)
             metrics["vis"] = vis.save_pictures(items, args.vis, vis_thresh(args))
     if info.is_main:
         metrics |= {"checkpoint": args.checkpoint, "kind": ckpt["kind"], "branch": getattr(model, "branch", None)

@@ -509,8 +509,9 @@ def markdown(r) -> str:
         f"{fmt_ms(loss['forward_backward_seconds']['torchvision'])} | "
         f"{loss['forward_backward_torchvision_over_ours']:.2f} |",
         "",
-        f"Same detections (labels, scores and boxes) as torchvision with copied weights (fp32), once its locations "
-        f"get the half-stride offset: {inf['same_detections_as_torchvision']} ({inf['detections_per_image']} per image)."
+        f"Same detections (labels, scores and boxes) as torchvision with copied weights (fp32), once its "
+        f"locations get the half-stride offset: {inf['same_detections_as_torchvision']} "
+        f"({inf['detections_per_image']} per image)."
         + ("" if tr["host_device_syncs_per_step"]["ours_fcos"] is None else
            " Host-device syncs per train step (CUDA sync debug mode): ours {ours_fcos}, torchvision "
            "{torchvision_fcos}, teacher {ours_teacher}.".format(**tr["host_device_syncs_per_step"])),

@@ -39,7 +39,8 @@ def to_image_entries(detections, image_ids, file_names, cat_ids, class_names):
         entries.append({"image_id": int(image_id), "file_name": file_names[image_id],
                         "boxes": [[round(v, 2) for v in b] for b in det["boxes"].float().cpu().tolist()],
                         "scores": [round(v, 5) for v in det["scores"].float().cpu().tolist()],
-                        "category_ids": [cat_ids[k] for k in labels], "category_names": [class_names[k] for k in labels]})
+                        "category_ids": [cat_ids[k] for k in labels],
+                        "category_names": [class_names[k] for k in labels]})
     return entries
 
 
