@@ -1,6 +1,8 @@
 """The real models and scripts under torchrun with 2 gloo processes on CPU (design.md: same code path for
 1 and N processes; the frozen teacher outside DDP; evaluation sharded and merged on rank 0)."""
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -52,3 +54,19 @@ def test_sharded_evaluation_equals_one_process(trained):
     assert one["images"] == two["images"] == 6
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert two[key] == pytest.approx(one[key], abs=1e-6)
+
+
+def test_detection_on_a_folder_under_torchrun_equals_one_process(trained):
+    tmp, data = trained
+    folder = tmp / "photos"
+    shutil.copytree(f"{data}/val2017", folder)
+    (folder / "bad.png").write_bytes(b"not a png")
+    args = ["--checkpoint", tmp / "teacher" / "model_final.pth", "--images", folder, "--device", "cpu",
+            "--workers", 0, "--eval-batch-size", 2]
+    one = last_json(run("evaluate.py", *args, "--output-dir", tmp / "images1"))
+    two = last_json(run("evaluate.py", *args, "--output-dir", tmp / "images2", nproc=2))
+    assert one["images"] == two["images"] == 6 and one["skipped"] == two["skipped"] == ["bad.png"]
+    entries = [json.loads((tmp / d / "detections.json").read_text()) for d in ("images1", "images2")]
+    assert [e["file_name"] for e in entries[1]] == sorted(os.listdir(f"{data}/val2017"))
+    for a, b in zip(*entries):  # same per-image canvas in 1 and 2 processes: the same detections
+        assert a["category_ids"] == b["category_ids"] and a["scores"] == pytest.approx(b["scores"], abs=1e-4)
