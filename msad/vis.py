@@ -14,7 +14,7 @@ GROUND_TRUTH_COLOUR = (0, 200, 255)  # cyan: apart from orange also for red-gree
 
 
 def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)  # Pillow's embedded scalable font (pillow >= 10.1)
+    return ImageFont.load_default(size=size)  # Pillow's embedded scalable font (pillow >= 10.1 with FreeType)
 
 
 def _label(draw, font, xy, text: str, colour, above: bool, limit) -> None:
@@ -33,9 +33,8 @@ def draw(image: Image.Image, boxes, names, scores, gt_boxes=None, gt_names=None,
     ground truth (if given) and the detections scoring >= min_score. Boxes are xyxy in the image's pixels."""
     scale = max(1.0, MIN_SHORT_SIDE / min(image.size))
     size = (round(image.size[0] * scale), round(image.size[1] * scale))
-    font = _font(max(12, round(min(size) / 36)))
-    line = max(2, round(min(size) / 256))
-    legend_h = font.size + 10
+    font_size = max(12, round(min(size) / 36))
+    font, line, legend_h = _font(font_size), max(2, round(min(size) / 256)), font_size + 10
     picture = Image.new("RGB", (size[0], size[1] + legend_h), (255, 255, 255))
     picture.paste(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), (0, legend_h))
     pen = ImageDraw.Draw(picture)
