@@ -6,18 +6,20 @@
     python evaluate.py --checkpoint runs/coco_teacher/model_final.pth --branch lr      # aligned MS training, LR
     torchrun --nproc_per_node 8 evaluate.py --checkpoint ...              # sharded, merged on rank 0
     python evaluate.py --detections dets.json --val-ann data/coco/annotations/instances_val2017.json
+    python evaluate.py --images my_photos --vis runs/eval/vis    # no annotations: detections.json + pictures
 """
 import argparse
 import json
 import os
 
-from msad import dist, runner
+from msad import dist, runner, vis
+from msad.align import HR_PAD
 from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script
-from msad.data import CocoDetection
+from msad.data import CocoDetection, ImageFolder, build_eval_loader
 from msad.diagnostics import CFFWeights
 from msad.engine import load_checkpoint, write_json_atomic
-from msad.evaluation import check_results, coco_evaluate, load_results, visualize
-from msad.models import model_from_checkpoint
+from msad.evaluation import check_results, coco_evaluate, detect_images, load_results
+from msad.models import checkpoint_categories, model_from_checkpoint
 
 DEFAULT_CHECKPOINT = "runs/student/model_final.pth"  # where the demo's train_student.py writes the student
 DATA_KEYS = ("preset", "data_root", "val_ann", "val_images", "test_size", "max_size")
@@ -34,8 +36,14 @@ def parse_args(argv=None):
     g.add_argument("--output-dir", default="runs/eval", help="detections.json, metrics.json, visualisations")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision on CUDA")
-    g.add_argument("--vis", help="write images with predicted boxes drawn into this folder")
-    g.add_argument("--vis-count", type=int, default=8, help="how many images --vis draws")
+    g.add_argument("--images", help="detect on every .jpg/.png of this folder (no annotations): writes "
+                   "OUTPUT_DIR/detections.json with file names, boxes in original pixels, scores, class ids and names")
+    g.add_argument("--score-thresh", type=float, default=0.0,
+                   help="keep only detections scoring at least this, in what is written, scored and drawn "
+                        "(the model itself keeps sigmoid(cls) > 0.05, as in the paper)")
+    g.add_argument("--vis", help="write pictures of the detections (and of the ground truth, if any) into this folder")
+    g.add_argument("--vis-count", type=int, help="how many images --vis draws (default 8; all with --images)")
+    g.add_argument("--vis-thresh", type=float, default=0.3, help="--vis draws detections scoring at least this")
     return p.parse_args(argv)
 
 
@@ -50,6 +58,26 @@ def evaluate_file(args) -> dict:
     results = load_results(args.detections)
     check_results(results, args.detections, gt)
     return coco_evaluate(gt.coco, results, gt.image_ids) | {"images": len(gt.image_ids), "detections": args.detections}
+
+
+def detect_folder(args, info, model, ckpt) -> dict | None:
+    """--images: detections.json for a folder of images, pictures with --vis; the summary on rank 0."""
+    dataset = ImageFolder(args.images, args.test_size, args.max_size)
+    loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
+    entries, skipped = detect_images(model, loader, dataset, info.device, checkpoint_categories(ckpt),
+                                     args.output_dir, args.amp, args.score_thresh)
+    if not info.is_main:
+        return None
+    metrics = {"images": len(entries), "skipped": skipped, "detections": sum(len(e["scores"]) for e in entries),
+               "output": os.path.join(args.output_dir, "detections.json")} | runner.first_batch_cost(args, info, model, dataset)
+    if args.vis:
+        count = len(entries) if args.vis_count is None else args.vis_count
+        metrics["vis"] = vis.save_pictures(vis.folder_items(dataset, entries, count), args.vis, vis_thresh(args))
+    return metrics
+
+
+def vis_thresh(args) -> float:
+    return max(args.vis_thresh, args.score_thresh)
 
 
 def main(argv=None):
@@ -68,18 +96,24 @@ def main(argv=None):
             setattr(args, key, ckpt["args"][key])
     args.preset, args.seed = args.preset or "demo", 0
     args = resolve(args, "student")
-    info = runner.start(args, training=False)
+    info = runner.start(args, training=False, needs_data=not args.images)
     model = model_from_checkpoint(ckpt, args.checkpoint, args.branch).to(info.device)
-    with CFFWeights(model if getattr(model, "branch", None) == "fused" else None) as cff:  # C-FF a_H, a_L
-        metrics = runner.evaluate_model(args, info, model, output_dir=args.output_dir)
-    cff_weights = cff.summary()  # a collective: every rank calls it
+    if args.images:
+        metrics = detect_folder(args, info, model, ckpt)
+        cff_weights = None
+    else:
+        with CFFWeights(model if getattr(model, "branch", None) == "fused" else None) as cff:  # C-FF a_H, a_L
+            metrics = runner.evaluate_model(args, info, model, output_dir=args.output_dir, min_score=args.score_thresh)
+        cff_weights = cff.summary()  # a collective: every rank calls it
+        if info.is_main and args.vis:
+            count = 8 if args.vis_count is None else args.vis_count
+            with open(os.path.join(args.output_dir, "detections.json")) as f:
+                items = vis.coco_items(runner.val_dataset(args), json.load(f), count)
+            metrics["vis"] = vis.save_pictures(items, args.vis, vis_thresh(args))
     if info.is_main:
         metrics |= {"cff_weights": cff_weights} if cff_weights else {}
         metrics |= {"checkpoint": args.checkpoint, "kind": ckpt["kind"], "branch": getattr(model, "branch", None)
                     or ("lr" if ckpt["kind"] == "student" else "hr"), "test_size": args.test_size}
-        if args.vis:
-            with open(os.path.join(args.output_dir, "detections.json")) as f:
-                metrics["vis"] = visualize(runner.val_dataset(args), json.load(f), args.vis, args.vis_count)
         write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
     dist.cleanup()

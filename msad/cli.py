@@ -131,7 +131,7 @@ def resolve(args: argparse.Namespace, stage: str) -> argparse.Namespace:
 # flag -> (smallest allowed value, what it is); a flag a script does not have, or left unset, is skipped.
 _MINIMUM = {"iters": (1, "training iterations"), "batch_size": (1, "images"), "eval_batch_size": (1, "images"),
             "workers": (0, "worker processes"), "max_images": (1, "images"), "fpn_channels": (1, "channels"),
-            "head_convs": (1, "convolutions"), "checkpoint_period": (1, "iterations"), "log_period": (1, "iterations"),
+            "head_convs": (0, "convolutions per tower"), "checkpoint_period": (1, "iterations"), "log_period": (1, "iterations"),
             "warmup_iters": (0, "iterations"), "kd_warmup": (0, "iterations"), "vis_count": (0, "images")}
 _POSITIVE = ("lr", "width", "clip_grad")  # finite and > 0
 

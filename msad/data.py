@@ -308,6 +308,23 @@ class CocoDetection(torch.utils.data.Dataset):
     def image_path(self, index: int) -> str:
         return os.path.join(self.image_dir, self._file_names[index])
 
+    def ground_truth(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Kept boxes [N, 4] (xyxy, original pixels) and contiguous labels [N] of one image (no image read)."""
+        return self._boxes[self._start[index]:self._end[index]], self._labels[self._start[index]:self._end[index]]
+
+    def padded_shapes(self, size_divisible: int) -> np.ndarray:
+        """[n, 2] (H, W) of each image's own padded canvas at evaluation, from the sizes alone (no image read).
+
+        The resize is `resized_hw` at short side sizes[-1] (the same float64 arithmetic, vectorised), then
+        each side is rounded up to a multiple of `size_divisible`, as `collate` pads a batch of one.
+        """
+        H0, W0 = self._sizes[:len(self)].T.astype(np.float64)  # n, n
+        short = self.sizes[-1]
+        scale = np.minimum(short / np.minimum(H0, W0), self.max_size / np.maximum(H0, W0))  # n
+        hw = np.stack([(H0 * scale + 0.5).astype(np.int64), (W0 * scale + 0.5).astype(np.int64)], axis=1)  # n x 2
+        d = max(int(size_divisible), 1)
+        return -(-hw // d) * d
+
     # -- samples --------------------------------------------------------------------------------------
     def __getitem__(self, key):
         """key: index, or (index, aug_seed) from TrainBatchSampler -> (uint8 image [3, h, w], target dict).
@@ -375,6 +392,55 @@ class CocoDetection(torch.utils.data.Dataset):
         target = {"boxes": boxes, "labels": labels, "image_id": self.image_ids[index], "orig_size": (H0, W0),
                   "size": (h, w)}
         return image.contiguous(), target
+
+
+class ImageFolder(CocoDetection):
+    """The .jpg/.jpeg/.png files directly inside a folder, for detection without annotations (evaluate.py
+    --images): evaluation mode of CocoDetection, sorted by file name, image_id = position in that order.
+
+    Sizes come from the file headers (nothing is decoded here). A file whose header cannot be read, or
+    whose full decode fails later, is logged by name and skipped: `skipped` lists the former, and
+    `__getitem__` returns None for the latter (the eval loader leaves it out of its batch).
+    """
+
+    EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+    def __init__(self, folder, size: int, max_size: int):
+        self.ann_file = self.image_dir = str(folder)  # errors name the folder
+        self.train, self.sizes, self.max_size, self.flip_prob = False, [int(size)], int(max_size), 0.0
+        if not os.path.isdir(self.image_dir):
+            raise DatasetError(f"{self.image_dir}: image folder not found")
+        names = sorted(n for n in os.listdir(self.image_dir) if n.lower().endswith(self.EXTENSIONS)
+                       and os.path.isfile(os.path.join(self.image_dir, n)))
+        self.skipped, readable, sizes = [], [], []
+        for name in names:
+            try:
+                with Image.open(os.path.join(self.image_dir, name)) as im:
+                    w, h = im.size
+                readable.append(name)
+                sizes.append((h, w))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                log.warning("skipping unreadable image %s (%s)", os.path.join(self.image_dir, name), e)
+                self.skipped.append(name)
+        if not readable:
+            raise DatasetError(f"{self.image_dir}: no readable .jpg or .png image"
+                               + (f" ({len(self.skipped)} unreadable)" if self.skipped else ""))
+        n = len(readable)
+        self._file_names, self.image_ids = readable, list(range(n))
+        self._sizes = np.asarray(sizes, dtype=np.int64).reshape(n, 2)  # n x 2, (H0, W0)
+        self._boxes, self._labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)  # no annotations
+        self._start = self._end = np.zeros(n, dtype=np.int64)
+        self.coco, self.num_skipped_images = None, 0
+
+    def file_name(self, index: int) -> str:
+        return self._file_names[index]
+
+    def __getitem__(self, key):
+        try:
+            return super().__getitem__(key)
+        except DatasetError as e:  # the eval-mode error of an image that does not decode
+            log.warning("skipping unreadable image %s", e)
+            return None
 
 
 def coco_paths(data_root, split: str) -> tuple[str, str]:
@@ -497,17 +563,35 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         yield from batches
 
 
-class _ShardSampler(torch.utils.data.Sampler):
-    """Evaluation indices of one rank: strided, no padding, so no image is seen twice."""
+class EvalBatchSampler(torch.utils.data.Sampler):
+    """Evaluation batches of one rank: strided shard (no padding, no image twice), grouped by padded shape.
 
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.indices = list(range(rank, n, world_size))
+    A batch only holds images whose own padded canvas (`padded_shapes`) is the same, so every image is
+    evaluated on exactly the canvas it would get alone: the head's GroupNorm and C-FF's global pooling
+    both see the padding, and a bigger canvas would change the detections (the released code evaluates
+    one image at a time). Groups keep the order of their first image; on COCO a few shapes cover most
+    images, so batches stay full.
+    """
+
+    def __init__(self, padded_shapes: np.ndarray, batch_size: int, rank: int, world_size: int):
+        if batch_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"bad eval sampler arguments: batch_size={batch_size} rank={rank}/{world_size}")
+        mine = np.arange(rank, len(padded_shapes), world_size)  # this rank's indices
+        if not len(mine):  # more processes than images
+            self.batches = []
+            return
+        _, first, group = np.unique(padded_shapes[mine], axis=0, return_index=True, return_inverse=True)
+        group = np.argsort(np.argsort(first))[group.ravel()]  # groups renumbered by first appearance
+        order = mine[np.argsort(group, kind="stable")]  # indices grouped, shard order inside a group
+        sizes = np.bincount(group, minlength=len(first))  # images per group
+        self.batches = [chunk.tolist() for g in np.split(order, np.cumsum(sizes)[:-1])
+                        for chunk in np.split(g, range(batch_size, len(g), batch_size))]
 
     def __iter__(self):
-        return iter(self.indices)
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.batches)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -521,10 +605,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _loader(dataset, workers: int, size_divisible: int, **kwargs) -> torch.utils.data.DataLoader:
+def _loader(dataset, workers: int, size_divisible: int, collate_fn=collate, **kwargs) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset, num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-        collate_fn=partial(collate, size_divisible=size_divisible), worker_init_fn=_ignore_stop_signals, **kwargs)
+        collate_fn=partial(collate_fn, size_divisible=size_divisible), worker_init_fn=_ignore_stop_signals, **kwargs)
+
+
+def _collate_readable(samples, size_divisible: int = 128):
+    """`collate` of the samples that are not None (unreadable images of an ImageFolder); None if none is left."""
+    samples = [s for s in samples if s is not None]
+    return collate(samples, size_divisible) if samples else None
 
 
 def build_train_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int,
@@ -536,6 +626,7 @@ def build_train_loader(dataset, batch_size: int, rank: int, world_size: int, see
 
 def build_eval_loader(dataset, batch_size: int, rank: int, world_size: int, workers: int,
                       size_divisible: int = 128) -> torch.utils.data.DataLoader:
-    """Evaluation loader over this rank's share of the images (strided, no duplicates)."""
-    sampler = _ShardSampler(len(dataset), rank, world_size)
-    return _loader(dataset, workers, size_divisible, sampler=sampler, batch_size=batch_size)
+    """Evaluation loader over this rank's share of the images (strided, no duplicates), in batches of images
+    with the same padded shape (EvalBatchSampler). A batch whose images were all unreadable is None."""
+    sampler = EvalBatchSampler(dataset.padded_shapes(size_divisible), batch_size, rank, world_size)
+    return _loader(dataset, workers, size_divisible, _collate_readable, batch_sampler=sampler)

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,20 +33,56 @@ def to_coco_results(detections, image_ids, label_to_cat_id):
     return results
 
 
+def to_image_entries(detections, image_ids, file_names, cat_ids, class_names):
+    """Per-image detections -> one entry per image: file name, boxes (xyxy, original pixels), scores, and the
+    checkpoint's category ids and names (evaluate.py --images). image_ids index file_names."""
+    entries = []
+    for det, image_id in zip(detections, image_ids):
+        labels = det["labels"].cpu().numpy()
+        entries.append({"image_id": int(image_id), "file_name": file_names[image_id],
+                        "boxes": [[round(v, 2) for v in b] for b in det["boxes"].float().cpu().tolist()],
+                        "scores": [round(v, 5) for v in det["scores"].float().cpu().tolist()],
+                        "category_ids": [cat_ids[k] for k in labels],
+                        "category_names": [class_names[k] for k in labels]})
+    return entries
+
+
 @torch.no_grad()
-def inference(model, loader, device, label_to_cat_id, amp: str = "none", progress: bool = True):
-    """This process's COCO results and the image ids it evaluated."""
+def inference(model, loader, device, convert, amp: str = "none", progress: bool = True, min_score: float = 0.0):
+    """This process's results, convert(detections, image_ids) per batch, and the image ids it evaluated.
+
+    Detections scoring below `min_score` are dropped first. A None batch (only unreadable images) is skipped.
+    """
     model.eval()
     results, image_ids = [], []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16) \
         if amp != "none" and device.type == "cuda" else contextlib.nullcontext()
     for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main_process()), dynamic_ncols=True):
+        if batch is None:
+            continue
         batch = batch.to(device)
         with autocast:
             detections = model(batch)
-        results += to_coco_results(detections, batch.image_ids, label_to_cat_id)
+        if min_score > 0:
+            detections = [{k: v[d["scores"] >= min_score] for k, v in d.items()} for d in detections]
+        results += convert(detections, batch.image_ids)
         image_ids += list(batch.image_ids)
     return results, image_ids
+
+
+def _merge(results, image_ids):
+    """All processes' results and sorted image ids, on rank 0 (None elsewhere)."""
+    merged = dist.all_gather_objects((results, image_ids))
+    if not dist.is_main_process():
+        return None
+    return [r for part, _ in merged for r in part], sorted({i for _, ids in merged for i in ids})
+
+
+def _write_json(obj, output_dir):
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "detections.json"), "w") as f:
+            json.dump(obj, f)
 
 
 def coco_evaluate(coco_gt, results, image_ids=None, verbose: bool = True) -> dict:
@@ -64,23 +101,37 @@ def coco_evaluate(coco_gt, results, image_ids=None, verbose: bool = True) -> dic
     return {name: round(100 * float(v), 3) for name, v in zip(METRIC_NAMES, ev.stats[:6])}
 
 
-def evaluate(model, loader, dataset, device, output_dir=None, amp="none"):
+def evaluate(model, loader, dataset, device, output_dir=None, amp="none", min_score=0.0):
     """Sharded inference, merge on rank 0, write detections.json, COCOeval. Returns metrics on rank 0, else None."""
-    results, image_ids = inference(model, loader, device, dataset.label_to_cat_id, amp)
-    merged = dist.all_gather_objects((results, image_ids))
-    if not dist.is_main_process():
+    convert = partial(to_coco_results, label_to_cat_id=dataset.label_to_cat_id)
+    merged = _merge(*inference(model, loader, device, convert, amp, min_score=min_score))
+    if merged is None:
         return None
-    results = [r for part, _ in merged for r in part]
-    image_ids = sorted({i for _, ids in merged for i in ids})
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "detections.json"), "w") as f:
-            json.dump(results, f)
+    results, image_ids = merged
+    _write_json(results, output_dir)
     if not dataset.coco.dataset.get("annotations"):  # e.g. test-dev image info: inference only
         print(f"{dataset.ann_file} has no annotations: no ground truth to score, detections written"
               f"{' to ' + os.path.join(output_dir, 'detections.json') if output_dir else ''}", flush=True)
         return {"images": len(image_ids), "ground_truth": False}
     return coco_evaluate(dataset.coco, results, image_ids) | {"images": len(image_ids)}
+
+
+def detect_images(model, loader, dataset, device, categories, output_dir=None, amp="none", min_score=0.0):
+    """Detections on an ImageFolder (no annotations): OUTPUT_DIR/detections.json, one entry per readable image.
+
+    categories: (category ids, names) of the model's contiguous labels, from the checkpoint. Returns the
+    entries and the file names that were skipped as unreadable on rank 0, (None, None) elsewhere.
+    """
+    convert = partial(to_image_entries, file_names=[dataset.file_name(i) for i in range(len(dataset))],
+                      cat_ids=categories[0], class_names=categories[1])
+    merged = _merge(*inference(model, loader, device, convert, amp, min_score=min_score))
+    if merged is None:
+        return None, None
+    entries, image_ids = merged
+    entries.sort(key=lambda e: e["image_id"])
+    _write_json(entries, output_dir)
+    missing = sorted(set(range(len(dataset))) - set(image_ids))  # failed to decode in the loader
+    return entries, sorted(dataset.skipped + [dataset.file_name(i) for i in missing])
 
 
 def load_results(path: str) -> list:
@@ -123,23 +174,3 @@ def check_results(results: list, path: str, gt) -> None:
             i = int(np.flatnonzero(~ok)[0])
             raise ValueError(f"{where}: detections[{i}] field '{key}' must hold finite numbers, got {results[i][key]!r}")
 
-
-def visualize(dataset, results, out_dir: str, count: int, min_score: float = 0.3) -> list:
-    """Draw the detections of the first `count` evaluated images (original pixels) into PNG files."""
-    from PIL import Image
-    from torchvision.utils import draw_bounding_boxes
-    os.makedirs(out_dir, exist_ok=True)
-    names = {c["id"]: c["name"] for c in dataset.coco.loadCats(dataset.coco.getCatIds())}
-    written = []
-    for image_id in dataset.image_ids[:count]:
-        info = dataset.coco.loadImgs(image_id)[0]
-        rgb = Image.open(os.path.join(dataset.image_dir, info["file_name"])).convert("RGB")
-        image = torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)  # 3 x H0 x W0 uint8
-        dets = [r for r in results if r["image_id"] == image_id and r["score"] >= min_score]
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)]).reshape(-1, 4)
-        labels = [f"{names[d['category_id']]} {d['score']:.2f}" for d in dets]
-        drawn = draw_bounding_boxes(image, boxes, labels, colors="red", width=2)
-        path = os.path.join(out_dir, f"{image_id}.png")
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
-        written.append(path)
-    return written

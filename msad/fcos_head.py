@@ -99,9 +99,10 @@ def decode(cls, box, ctr, points, strides, shapes, image_sizes, orig_sizes,
     """FCOS inference (method.md Sec. 6), batched over images and vectorised over locations.
 
     Per level: keep sigmoid(cls) > score_thresh, top `pre_nms_top_n` by cls * ctr; score = sqrt(cls * ctr);
-    then class-wise NMS over all levels (one batched_nms call for the whole batch), top `max_dets`,
-    clip to the resized image and rescale to the original size. Returns one dict per image with
-    boxes [n, 4] (x0, y0, x1, y1 in original pixels), scores [n], labels [n] (contiguous).
+    clip to the resized image and drop the boxes that clipping leaves with zero width or height (from
+    locations in the padding, as detectron2's `nonempty` filter does), then class-wise NMS over all levels
+    (one batched_nms call for the whole batch), top `max_dets`, rescale to the original size. Returns one
+    dict per image with boxes [n, 4] (x0, y0, x1, y1 in original pixels), scores [n], labels [n] (contiguous).
     """
     B, _, K = cls.shape
     prob = torch.sigmoid(cls.float())
@@ -125,6 +126,8 @@ def decode(cls, box, ctr, points, strides, shapes, image_sizes, orig_sizes,
     ratio = torch.tensor([[w0 / w, h0 / h] for (h, w), (h0, w0) in zip(image_sizes, orig_sizes)],
                          device=cls.device, dtype=torch.float32)[img_idx]  # n x 2 (x, y)
     boxes = torch.minimum(boxes.clamp(min=0), sizes.flip(1).repeat(1, 2))
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # n
+    img_idx, labels, scores, boxes, ratio = (x[nonempty] for x in (img_idx, labels, scores, boxes, ratio))
     boxes = boxes * ratio.repeat(1, 2)
     keep = batched_nms(boxes, scores, img_idx * K + labels, nms_thresh)  # sorted by score
     results = []

@@ -18,13 +18,14 @@ from .data import CocoDetection, build_eval_loader, build_train_loader
 from .evaluation import evaluate
 
 
-def start(args, training: bool = True) -> dist.DistInfo:
+def start(args, training: bool = True, needs_data: bool = True) -> dist.DistInfo:
     """Everything that can fail before the first iteration, in the first seconds.
 
     The per-process batch and the output folder (refusal to replace a run, test write, lock) are checked
     before the process group exists, so every rank fails the same way. Then seeds, the demo data (generated
     once, by rank 0, and only at its default location) and, for training, the val set is parsed now rather
-    than after the training. `training` is False for evaluate.py.
+    than after the training. `training` is False for evaluate.py; `needs_data` is False for
+    evaluate.py --images, which reads no dataset.
     """
     if training:
         args.batch_per_process = dist.check_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
@@ -33,7 +34,8 @@ def start(args, training: bool = True) -> dist.DistInfo:
             outdir.claim_output_dir(args.output_dir, args.resume, args.overwrite)
     info = dist.init_distributed(args.device)
     seed_everything(args.seed, info.rank)
-    check_data_root(args, info, training)
+    if needs_data:
+        check_data_root(args, info, training)
     if training and not args.no_eval:
         val_dataset(args)  # a bad val json fails now; parsed again (quickly) for the final evaluation
     return info
@@ -70,8 +72,11 @@ def check_data_root(args, info: dist.DistInfo, training: bool) -> None:
 
 
 def train_dataset(args) -> CocoDetection:
+    """The training set; its category ids and names go into args, hence into every checkpoint."""
     ann, images = data_paths(args, "train")
-    return CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size)
+    dataset = CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size)
+    args.cat_ids, args.class_names = dataset.cat_ids, dataset.class_names
+    return dataset
 
 
 def val_dataset(args, test_size=None) -> CocoDetection:
@@ -124,15 +129,19 @@ def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, extra
     return engine.train(step_fn, model, optimizer, scheduler, data_iter, cfg, extra_state_fn, aux)
 
 
-def evaluate_model(args, info, model, test_size=None, output_dir=None):
+def evaluate_model(args, info, model, test_size=None, output_dir=None, min_score=0.0):
     """COCO evaluation of `model` on the validation set (sharded; metrics on rank 0, None elsewhere)."""
     dataset = val_dataset(args, test_size)
     loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
-    metrics = evaluate(model, loader, dataset, info.device, output_dir, args.amp)
-    if metrics is not None:  # rank 0: params and GFLOPs per image of the model, on its first evaluation batch
-        first = next(iter(build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, 0, HR_PAD)))
-        metrics |= model_cost(model, first.to(info.device))
-    return metrics
+    metrics = evaluate(model, loader, dataset, info.device, output_dir, args.amp, min_score)
+    return metrics if metrics is None else metrics | first_batch_cost(args, info, model, dataset)
+
+
+def first_batch_cost(args, info, model, dataset) -> dict:
+    """Params and GFLOPs per image of `model`, counted on its first evaluation batch ({} if none is readable)."""
+    loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, 0, HR_PAD)
+    first = next((batch for batch in loader if batch is not None), None)
+    return model_cost(model, first.to(info.device)) if first is not None else {}
 
 
 def finish(args, info, model, result: dict, extra: dict | None = None) -> dict | None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from msad.data import (PAD_VALUE, CocoDetection, DatasetError, ImageBatch, TrainBatchSampler, build_eval_loader,
-                       build_train_loader, coco_paths, collate, normalize)
+from msad.data import (PAD_VALUE, CocoDetection, DatasetError, EvalBatchSampler, ImageBatch, TrainBatchSampler,
+                       build_eval_loader, build_train_loader, coco_paths, collate, normalize)
 
 # image id -> (height, width, PIL mode); ids and categories deliberately unsorted and non-contiguous
 IMAGES = {5: (40, 60, "RGB"), 2: (50, 30, "L"), 9: (30, 40, "RGBA"), 7: (32, 32, "RGB")}
@@ -200,6 +200,22 @@ def test_loaders(coco):
     ev = eval_set(coco)
     ids = [i for r in range(3) for b in build_eval_loader(ev, 2, r, 3, workers=0) for i in b.image_ids]
     assert sorted(ids) == ev.image_ids
+
+
+def test_eval_batches_only_hold_images_of_one_padded_shape(coco):
+    ev = eval_set(coco)  # ids 2, 5, 7, 9 at short side 24: 40x24, 24x36, 24x24, 24x32
+    shapes = ev.padded_shapes(32)
+    alone = [tuple(collate([ev[i]], 32).images.shape[-2:]) for i in range(len(ev))]
+    assert [tuple(s) for s in shapes.tolist()] == alone == [(64, 32), (32, 64), (32, 32), (32, 32)]
+    for world in (1, 2):
+        batches = [b for r in range(world) for b in EvalBatchSampler(shapes, 3, r, world)]
+        assert sorted(i for b in batches for i in b) == list(range(len(ev)))  # every image once
+        assert all(len({alone[i] for i in b}) == 1 for b in batches)
+    loader = build_eval_loader(ev, 4, 0, 1, workers=0, size_divisible=32)
+    assert len(loader) == 3  # the two 32x32 images together, the others alone
+    for batch in loader:
+        assert all(tuple(batch.images.shape[-2:]) == alone[ev.image_ids.index(i)] for i in batch.image_ids)
+    assert list(EvalBatchSampler(shapes[:1], 2, 1, 2)) == []  # a rank without images
 
 
 def test_coco_paths():

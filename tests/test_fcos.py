@@ -253,6 +253,20 @@ def test_decode_maps_one_confident_location_to_its_box_in_original_pixels():
     assert torch.allclose(out["scores"], torch.sigmoid(torch.tensor([5.0])))  # sqrt(cls * ctr)
 
 
+def test_decode_drops_boxes_that_clipping_leaves_with_zero_width_or_height():
+    points, strides, _, shapes = hr_grid(256, 256)
+    L, K = len(points), 3
+    cls, box, ctr = torch.full((1, L, K), -10.0), torch.ones(1, L, 4), torch.full((1, L), -10.0)
+    inside, right, below = loc(shapes, 0, 60, 60), loc(shapes, 0, 220, 60), loc(shapes, 0, 60, 220)  # P3, stride 8
+    for p, label in ((inside, 0), (right, 1), (below, 2)):
+        cls[0, p, label], ctr[0, p] = 5.0, 5.0
+    # the image is 200 x 200 inside its 256 x 256 canvas: the right and bottom locations sit in the padding,
+    # 12 px past the border with an 8 px reach, so clipping leaves them zero width / zero height
+    out = decode(cls, box, ctr, points, strides, shapes, [(200, 200)], [(200, 200)])[0]
+    assert out["labels"].tolist() == [0]
+    assert torch.allclose(out["boxes"], torch.tensor([[52.0, 52.0, 68.0, 68.0]]))
+
+
 def test_decode_keeps_at_most_100_sorted_boxes_inside_the_original_image():
     points, strides, _, shapes = hr_grid(256, 384)
     B, L, K = 2, len(points), 4
@@ -266,7 +280,7 @@ def test_decode_keeps_at_most_100_sorted_boxes_inside_the_original_image():
         assert len(r["boxes"]) == len(r["scores"]) == len(r["labels"]) == 100  # plenty of candidates: capped
         bx = r["boxes"]
         assert (bx >= 0).all() and (bx[:, 0::2] <= W0 + 1e-3).all() and (bx[:, 1::2] <= H0 + 1e-3).all()
-        assert (bx[:, 2:] >= bx[:, :2]).all()
+        assert (bx[:, 2:] > bx[:, :2]).all()  # no box of zero width or height
         assert (r["scores"][:-1] >= r["scores"][1:]).all()
         assert ((r["labels"] >= 0) & (r["labels"] < K)).all()
     assert results[0]["boxes"][:, 2].max() > 300  # rescaled up to the 600 px wide original, not left resized

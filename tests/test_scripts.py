@@ -51,12 +51,22 @@ def test_teacher_script_writes_checkpoint_log_and_metrics(demo):
         assert all(math.isfinite(log[-1][f"{term}_loss_{k}"]) for k in ("cls", "box", "ctr"))
     final = torch.load(out / "model_final.pth", weights_only=True)
     assert final["kind"] == "teacher" and any(k.startswith("fusion.") for k in final["model"])
+    assert_categories_stored(final, demo["data"])
+
+
+def assert_categories_stored(ckpt, data):
+    """The training set's category ids and names, in sorted id order (label k = k-th), for evaluate.py --images."""
+    with open(f"{data}/annotations/instances_train2017.json") as f:
+        cats = sorted(json.load(f)["categories"], key=lambda c: c["id"])
+    assert ckpt["args"]["cat_ids"] == [c["id"] for c in cats]
+    assert ckpt["args"]["class_names"] == [c["name"] for c in cats]
 
 
 def test_student_script_saves_only_the_student_and_logs_kd_terms(demo):
     out = demo["tmp"] / "student"
     final = torch.load(out / "model_final.pth", weights_only=True)
     assert final["kind"] == "student"
+    assert_categories_stored(final, demo["data"])
     assert not any(k.startswith("fusion.") for k in final["model"])  # no teacher tensors
     lines = read_jsonl(out / "log.jsonl")
     log = [r for r in lines if "diagnostics" not in r]  # the loss lines; the others are diagnostics probes
