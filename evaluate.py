@@ -17,7 +17,8 @@ from msad.align import HR_PAD
 from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script
 from msad.data import CocoDetection, ImageFolder, build_eval_loader
 from msad.diagnostics import CFFWeights
-from msad.engine import load_checkpoint, write_json_atomic
+from msad.checkpoint import load_checkpoint, write_json_atomic
+from msad.engine import AMP_DTYPES
 from msad.evaluation import check_results, coco_evaluate, detect_images, load_results
 from msad.models import checkpoint_categories, model_from_checkpoint
 
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     g.add_argument("--detections", help="evaluate this COCO results json against --val-ann instead of a model")
     g.add_argument("--output-dir", default="runs/eval", help="detections.json, metrics.json, visualisations")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision on CUDA")
+    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="mixed precision on CUDA")
     g.add_argument("--images", help="detect on every .jpg/.png of this folder (no annotations): writes "
                    "OUTPUT_DIR/detections.json with file names, boxes in original pixels, scores, class ids and names")
     g.add_argument("--score-thresh", type=float, default=0.0,

@@ -20,8 +20,9 @@ import torch
 from msad import runner
 from msad.cli import model_config, resolve, run_script, training_parser
 from msad.diagnostics import StudentProbe, probe_iterations
-from msad.distill import DISTANCES, NORMALIZE, FeatureDistillation, build_adapters
-from msad.engine import LOG, load_checkpoint
+from msad.distill import DISTANCES, KD_WEIGHT, NORMALIZE, FeatureDistillation, build_adapters
+from msad.checkpoint import load_checkpoint
+from msad.engine import LOG
 from msad.models import DistilledStudent, ModelConfig, build_model, init_backbone, load_partial
 
 ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "lr_mode")
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     p = training_parser(__doc__, default_output="runs/student")
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default="runs/teacher/model_final.pth", help="teacher checkpoint (kind teacher)")
-    g.add_argument("--kd-weight", type=float, default=0.2 * 3, help="alpha * T (0.2 x 3); 0 trains without KD")
+    g.add_argument("--kd-weight", type=float, default=KD_WEIGHT, help="alpha * T (0.2 x 3 = %(default)s); 0 trains without KD")
     g.add_argument("--kd-warmup", type=int, help="iterations of the linear KD warm-up (the preset's; 500 on COCO)")
     g.add_argument("--kd-loss", choices=sorted(DISTANCES), default="l1", help="feature distance")
     g.add_argument("--kd-norm", choices=NORMALIZE, default="none",

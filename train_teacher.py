@@ -8,14 +8,14 @@ COCO, the paper's R50 teacher on 8 GPUs (released recipe: batch 8, 180k iteratio
         --backbone-weights weights/resnet50.pth --amp bf16 --output-dir runs/coco_teacher
 Multi-node (2 x 8 GPUs): on every node
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train_teacher.py ...
-Baselines (method.md Sec. 7), vanilla FCOS on P3..P7:
+Baselines (the paper's Table 1), vanilla FCOS on P3..P7:
     ... train_teacher.py --preset coco --mode single                       # HR, 800 px
     ... train_teacher.py --preset coco --mode single --train-sizes 320,336,352,368,384,400 --max-size 667 --test-size 400
     ... train_teacher.py --preset coco --mode single --train-sizes 320,...,800 --test-size 400   # vanilla multi-scale
 """
 from msad import runner
 from msad.cli import model_config, resolve, run_script, training_parser
-from msad.models import build_model, init_backbone
+from msad.models import FUSED_WEIGHT, build_model, init_backbone
 
 
 def parse_args(argv=None):
@@ -25,7 +25,7 @@ def parse_args(argv=None):
                    help="aligned: MSAD teacher (HR P3-P7 + LR P2-P6 + fused); single: vanilla FCOS on P3-P7")
     g.add_argument("--no-fusion", action="store_true", help="aligned multi-scale training without C-FF (ablation)")
     g.add_argument("--cff-hidden", type=int, help="C-FF gate hidden width (default: the preset's; 0 = FPN width / 8)")
-    g.add_argument("--fused-weight", type=float, default=0.4, help="loss weight of the fused branch")
+    g.add_argument("--fused-weight", type=float, default=FUSED_WEIGHT, help="loss weight of the fused branch (released: %(default)s)")
     args = p.parse_args(argv)
     return resolve(args, "teacher" if args.mode == "aligned" else "fcos")
 

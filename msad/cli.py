@@ -14,21 +14,24 @@ import sys
 import numpy as np
 import torch
 
-from .engine import DiskFullError
+from .checkpoint import DiskFullError
+from .engine import AMP_DTYPES
+from .distill import KD_WARMUP
 from .models import ModelConfig
 
-COCO_SIZES = tuple(range(640, 801, 32))  # method.md Sec. 3: short side drawn from {640, 672, ..., 800}
+COCO_SIZES = tuple(range(640, 801, 32))  # MSAD Sec. 3.2 / released code: short side drawn from {640, 672, ..., 800}
 PRESETS = {
-    # The paper's COCO recipe (method.md Sec. 6): R50, frozen BN, FPN 256, 4-conv GN towers.
+    # The paper's COCO recipe (MSAD Sec. 4 and the released code): R50, frozen BN, FPN 256, 4-conv GN towers.
     "coco": {
         "common": dict(data_root="data/coco", backbone="resnet50", width=1.0, norm="frozen_bn", freeze_at=2,
                        fpn_channels=256, head_convs=4, train_sizes=COCO_SIZES, max_size=1333, test_size=800,
-                       backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5", lr_mode="nearest", checkpoint_period=5000,
+                       backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5",
+                       lr_mode="nearest", checkpoint_period=5000,
                        eval_batch_size=8, workers=4, cff_hidden=0),
         # Released MSAD teachers: batch 8, lr 0.01, 180k iterations, steps at 120k and 160k.
         "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
         # Students (and the 1x FCOS baselines): batch 16, lr 0.01, 90k iterations, steps at 60k and 80k.
-        "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000), kd_warmup=500),
+        "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000), kd_warmup=KD_WARMUP),
     },
     # The built-in demo: a narrow ResNet-18 with GroupNorm trained from scratch on data/synthetic, on CPU.
     "demo": {
@@ -90,8 +93,8 @@ def add_train_args(p: argparse.ArgumentParser, default_output: str):
     g = p.add_argument_group("runtime")
     g.add_argument("--output-dir", default=default_output, help="checkpoints, log.jsonl, metrics.json")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision on CUDA")
-    g.add_argument("--compile", action="store_true", help="torch.compile the backbone and FPN")
+    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="mixed precision on CUDA")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone (the FPN and head stay eager)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
     g.add_argument("--overwrite", action="store_true",
                    help="train from scratch into an OUTPUT_DIR that holds a run, replacing its model and log")

@@ -27,7 +27,7 @@ class Scale(nn.Module):
 def _tower(channels: int, num_convs: int) -> nn.Sequential:
     """num_convs x (conv, GN, ReLU); an empty Sequential (the identity) when num_convs is 0."""
     layers = []
-    for _ in range(num_convs):  # 3x3 conv with bias, GroupNorm, ReLU (method.md Sec. 6)
+    for _ in range(num_convs):  # 3x3 conv with bias, GroupNorm, ReLU (FCOS, as released)
         layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(gn_groups(channels), channels), nn.ReLU()]
     return nn.Sequential(*layers)
 
@@ -96,7 +96,7 @@ def level_slices(shapes):
 @torch.no_grad()
 def decode(cls, box, ctr, points, strides, shapes, image_sizes, orig_sizes,
            score_thresh=0.05, pre_nms_top_n=1000, nms_thresh=0.6, max_dets=100):
-    """FCOS inference (method.md Sec. 6), batched over images and vectorised over locations.
+    """FCOS inference (FCOS Sec. 3, released thresholds), batched over images and vectorised over locations.
 
     Per level: keep sigmoid(cls) > score_thresh, top `pre_nms_top_n` by cls * ctr; score = sqrt(cls * ctr);
     clip to the resized image and drop the boxes that clipping leaves with zero width or height (from

@@ -1,4 +1,4 @@
-"""FCOS target assignment and losses (FCOS Sec. 3.1-3.3, AdelaiDet's improved variant; method.md Sec. 6).
+"""FCOS target assignment and losses (FCOS Sec. 3.1-3.3, the released code's improved variant).
 
 Assignment runs on the whole batch at once: ground truth is padded to B x M boxes and every test is a
 tensor operation over (image, box, candidate location), so there is no Python loop over images, boxes or

@@ -17,6 +17,7 @@ from .fcos_loss import assign_targets, fcos_losses, level_ranges
 from .fpn import FPN
 from .fusion import CrossFeatureFusion
 
+FUSED_WEIGHT = 0.4  # weight of the fused branch in L_T = L_HR + L_LR + 0.4 L_fused (released code)
 BRANCHES = {"fcos": ("hr",), "student": ("lr",), "teacher": ("fused", "hr", "lr")}
 
 
@@ -34,7 +35,7 @@ class ModelConfig:
     lr_mode: str = "nearest"
     fusion: bool = True
     cff_hidden: int = 0  # C-FF gate hidden width; 0 = fpn_channels / 8 (released)
-    fused_weight: float = 0.4
+    fused_weight: float = FUSED_WEIGHT
     score_thresh: float = 0.05
     pre_nms_top_n: int = 1000
     nms_thresh: float = 0.6

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import dist, engine, outdir
 from .align import HR_PAD
+from .checkpoint import CHECKPOINT, write_json_atomic
 from .cli import PRESETS, data_paths, print_metrics_line, seed_everything
 from .cost import model_cost
 from .data import CocoDetection, build_eval_loader, build_train_loader
@@ -108,8 +109,8 @@ def ddp(model: torch.nn.Module, info: dist.DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, extra_state_fn=None, aux=None) -> dict:
-    """SGD + warm-up multi-step schedule + the shared engine loop (method.md Sec. 6 recipe).
+def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, aux=None) -> dict:
+    """SGD + warm-up multi-step schedule + the shared engine loop (the released code's recipe).
 
     `aux`: name -> module trained beside `model` but not part of it (the student's distillation adapters);
     optimised with it, saved under checkpoint["aux"] and restored on resume, left out of model_final.pth.
@@ -126,7 +127,7 @@ def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, extra
                              checkpoint_period=args.checkpoint_period, log_period=args.log_period,
                              clip_grad=args.clip_grad, amp=args.amp, resume=args.resume,
                              overwrite=args.overwrite, device=info.device)
-    return engine.train(step_fn, model, optimizer, scheduler, data_iter, cfg, extra_state_fn, aux)
+    return engine.train(step_fn, model, optimizer, scheduler, data_iter, cfg, aux)
 
 
 def evaluate_model(args, info, model, test_size=None, output_dir=None, min_score=0.0):
@@ -156,7 +157,7 @@ def finish(args, info, model, result: dict, extra: dict | None = None) -> dict |
             metrics |= ap
     metrics |= extra or {}
     if info.is_main:
-        engine.write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
+        write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
     dist.cleanup()
     if result.get("stopped"):  # not 0: `train_teacher.py && train_student.py` must not go on with no teacher
@@ -164,7 +165,7 @@ def finish(args, info, model, result: dict, extra: dict | None = None) -> dict |
         if info.is_main:
             print(f"interrupted by {result['signal']} at iteration {result['iterations']} of {args.iters}: "
                   f"rerun the same command with --resume to continue from "
-                  f"{os.path.join(args.output_dir, engine.CHECKPOINT)}", file=sys.stderr, flush=True)
+                  f"{os.path.join(args.output_dir, CHECKPOINT)}", file=sys.stderr, flush=True)
         raise SystemExit(code)
     return metrics if info.is_main else None
 

@@ -1,4 +1,4 @@
-"""The pyramid shift of MSAD Sec. 3.1 (method.md Sec. 2): with the LR input exactly half the HR input,
+"""The pyramid shift of MSAD Sec. 3.1: with the LR input exactly half the HR input,
 LR P_l has the shape of HR P_(l+1), and targets computed in either frame are the same."""
 import pytest
 import torch
@@ -81,7 +81,7 @@ def test_pyramid_offset_rejects_scales_that_break_the_alignment(scale):
 
 
 def test_targets_in_lr_coordinates_equal_targets_in_hr_coordinates():
-    # method.md Sec. 2: the LR branch may equally work in LR pixels, with strides 4..64, halved size ranges
+    # MSAD Sec. 3.1: the LR branch may equally work in LR pixels, with strides 4..64, halved size ranges
     # and halved boxes; labels and stride-normalised regression targets must come out the same.
     H, W = 384, 512  # a padded HR batch
     shapes = [(H // s, W // s) for s in align.hr_strides()]  # HR P3..P7 == LR P2..P6 (previous tests)

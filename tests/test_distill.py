@@ -1,4 +1,4 @@
-"""Feature distillation from the fused teacher pyramid to the LR student (MSAD Sec. 3.4, method.md Sec. 5):
+"""Feature distillation from the fused teacher pyramid to the LR student (MSAD Sec. 3.4):
 L_KD = w(t) * 0.2 * 3 * sum over the 5 levels of mean |S_l - F_l|, w(t) = min(1, t / 500)."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Assembly of the MSAD models (method.md Sec. 3-5): C-FF, the multi-scale teacher, the LR student, and
+"""Assembly of the MSAD models (MSAD Sec. 3.2-3.4): C-FF, the multi-scale teacher, the LR student, and
 moving weights between them."""
 from dataclasses import replace
 
