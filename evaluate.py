@@ -15,7 +15,8 @@ import os
 from msad import dist, runner, vis
 from msad.align import HR_PAD
 from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script
-from msad.data import CocoDetection, ImageFolder, build_eval_loader
+from msad.data import CocoDetection, ImageFolder
+from msad.samplers import build_eval_loader
 from msad.diagnostics import CFFWeights
 from msad.checkpoint import load_checkpoint, write_json_atomic
 from msad.engine import AMP_DTYPES

@@ -43,7 +43,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msad import align  # noqa: E402
-from msad.data import ImageBatch, normalize  # noqa: E402
+from msad.data import ImageBatch  # noqa: E402
+from msad.imagenet import normalize  # noqa: E402
 from msad.distill import FeatureDistillation  # noqa: E402
 from msad.fcos_loss import assign_targets, fcos_losses  # noqa: E402
 from msad.models import DistilledStudent, ModelConfig, build_model  # noqa: E402

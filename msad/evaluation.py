@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from . import dist
-from .data import _column, _int_ids
+from .coco import _column, _int_ids
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

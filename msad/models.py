@@ -11,7 +11,7 @@ from torch import nn
 
 from . import align
 from .backbone import ResNetTrunk, load_imagenet_weights
-from .data import normalize
+from .imagenet import normalize
 from .fcos_head import FCOSHead, decode, make_points
 from .fcos_loss import assign_targets, fcos_losses, level_ranges
 from .fpn import FPN

@@ -15,7 +15,8 @@ from .align import HR_PAD
 from .checkpoint import CHECKPOINT, write_json_atomic
 from .cli import PRESETS, data_paths, print_metrics_line, seed_everything
 from .cost import model_cost
-from .data import CocoDetection, build_eval_loader, build_train_loader
+from .data import CocoDetection
+from .samplers import build_eval_loader, build_train_loader
 from .evaluation import evaluate
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from msad import align
-from msad.data import normalize
+from msad.imagenet import normalize
 from msad.fcos_head import make_points
 from msad.fcos_loss import SIZE_RANGES, assign_targets, level_ranges
 from msad.models import build_model

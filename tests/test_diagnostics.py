@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msad import align
-from msad.data import normalize
+from msad.imagenet import normalize
 from msad.diagnostics import CFFWeights, StudentProbe, probe_iterations
 from msad.distill import FeatureDistillation
 from msad.fusion import CrossFeatureFusion

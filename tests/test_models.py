@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msad import align
-from msad.data import normalize
+from msad.imagenet import normalize
 from msad.fcos_head import make_points
 from msad.fcos_loss import assign_targets, fcos_losses, level_ranges
 from msad.fusion import CrossFeatureFusion
