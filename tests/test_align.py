@@ -98,8 +98,9 @@ def test_targets_in_lr_coordinates_equal_targets_in_hr_coordinates():
         boxes.append(torch.cat([xy, (xy + wh).minimum(torch.tensor([W, H]))], dim=1))
         labels.append(torch.randint(0, 4, (n,), generator=g))
 
-    hr = assign_targets(hr_points, hr_strides, level_ranges(shapes), boxes, labels)
-    lr = assign_targets(lr_points, lr_strides, level_ranges(shapes, lr_ranges), [b / 2 for b in boxes], labels)
+    hr = assign_targets(hr_points, hr_strides, level_ranges(shapes), boxes, labels, shapes=shapes)
+    lr = assign_targets(lr_points, lr_strides, level_ranges(shapes, lr_ranges), [b / 2 for b in boxes], labels,
+                        shapes=shapes)
     assert hr.pos.sum() > 20
     assert torch.equal(lr.labels, hr.labels)
     assert torch.equal(lr.pos, hr.pos)

@@ -11,7 +11,7 @@ import torchvision
 
 from msad import align
 from msad.fcos_head import decode, make_points
-from msad.fcos_loss import Targets, assign_targets, giou_loss_ltrb, level_ranges, sigmoid_focal_loss
+from msad.fcos_loss import Targets, assign_targets, assign_targets_dense, focal_loss_sum, giou_loss_ltrb, level_ranges
 from msad.models import ModelConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -42,7 +42,10 @@ def assign(size, boxes_per_image, labels_per_image=None):
     if labels_per_image is None:
         labels_per_image = [[0] * len(b) for b in boxes]
     labels = [torch.tensor(l, dtype=torch.long).reshape(-1) for l in labels_per_image]
-    return assign_targets(points, strides, ranges, boxes, labels), shapes
+    fast = assign_targets(points, strides, ranges, boxes, labels, shapes=shapes)
+    dense = assign_targets_dense(points, strides, ranges, boxes, labels)  # the definition
+    assert all(torch.equal(getattr(fast, k), getattr(dense, k)) for k in ("labels", "ltrb", "pos"))
+    return fast, shapes
 
 
 def centred_box(x, y, half):
@@ -132,7 +135,7 @@ def test_image_without_boxes_next_to_one_with_boxes():
 
 
 # ------------------------------------------------------------------------------------------------------
-# batched assignment == a per-image, per-box, per-location Python reference
+# the dense definition and the fast assignment == a per-image, per-box, per-location Python reference
 # ------------------------------------------------------------------------------------------------------
 def reference_assign(points, strides, ranges, boxes, labels, radius=1.5):
     """FCOS assignment for one image written as plainly as possible (FCOS Sec. 3, the released code's improved variant)."""
@@ -167,7 +170,7 @@ def random_boxes(n, h, w, g):
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
-def test_batched_assignment_equals_per_image_python_reference():
+def test_dense_and_fast_assignment_equal_a_per_image_python_reference():
     g = torch.Generator().manual_seed(1)
     h, w = 512, 768
     points, strides, ranges, shapes = hr_grid(h, w)
@@ -175,7 +178,9 @@ def test_batched_assignment_equals_per_image_python_reference():
     boxes = [random_boxes(n, h, w, g) for n in counts]
     boxes[2] = torch.cat([boxes[2], torch.tensor([[20.0, 10.0, 760.0, 500.0]])])  # one box large enough for P7
     labels = [torch.randint(0, 5, (len(bx),), generator=g) for bx in boxes]
-    t = assign_targets(points, strides, ranges, boxes, labels)
+    t = assign_targets_dense(points, strides, ranges, boxes, labels)
+    fast = assign_targets(points, strides, ranges, boxes, labels, shapes=shapes)
+    assert torch.equal(fast.labels, t.labels) and torch.equal(fast.pos, t.pos) and torch.equal(fast.ltrb, t.ltrb)
     for b in range(len(counts)):
         ref_labels, ref_ltrb = reference_assign(points, strides, ranges, boxes[b], labels[b])
         assert t.labels[b].tolist() == ref_labels, f"image {b}"
@@ -204,11 +209,11 @@ def test_centerness_target_follows_fcos_eq3_off_centre():
     assert torch.allclose(t.centerness, expected)
 
 
-def test_sigmoid_focal_loss_equals_torchvision():
+def test_focal_loss_sum_equals_torchvision():
     logits = torch.randn(4, 50, 7) * 3
     onehot = (torch.rand(4, 50, 7) < 0.1).float()
     expected = torchvision.ops.sigmoid_focal_loss(logits, onehot, alpha=0.25, gamma=2.0, reduction="sum")
-    assert torch.allclose(sigmoid_focal_loss(logits, onehot), expected, rtol=1e-5)
+    assert torch.allclose(focal_loss_sum(logits, logits[onehot > 0]), expected, rtol=1e-5)
 
 
 def test_giou_loss_ltrb_equals_torchvision_giou_with_plus_one_smoothing():

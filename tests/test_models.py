@@ -89,7 +89,7 @@ def test_teacher_loss_is_hr_plus_lr_plus_0_4_fused(tiny_cfg, batch):
         shapes = [tuple(f.shape[-2:]) for f in hr]
         points, strides = make_points(shapes, align.hr_strides(), torch.device("cpu"))
         targets = assign_targets(points, strides, level_ranges(shapes), [t["boxes"] for t in batch.targets],
-                                 [t["labels"] for t in batch.targets])
+                                 [t["labels"] for t in batch.targets], shapes=shapes)
         by_hand = {name: fcos_losses(*teacher.head(feats), targets) for name, feats in
                    (("hr", hr), ("lr", lr), ("fused", fused))}
     assert set(losses) == {f"{b}_loss_{t}" for b in ("hr", "lr", "fused") for t in ("cls", "box", "ctr")}
