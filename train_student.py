@@ -25,7 +25,7 @@ from msad.checkpoint import load_checkpoint
 from msad.engine import LOG
 from msad.models import DistilledStudent, ModelConfig, build_model, init_backbone, load_partial
 
-ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "lr_mode")
+ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "low_res_mode")
 SHAPE_KEYS = ("backbone", "width", "fpn_channels", "head_convs")  # what --init teacher needs to be the teacher's
 
 

@@ -19,6 +19,8 @@ import torch
 from . import dist
 from .outdir import CHECKPOINT, FINAL
 
+RENAMED_ARGS = {"lr_mode": "low_res_mode"}  # old argument name -> current, in checkpoints' "args"
+
 # ----------------------------------------------------------------------------- atomic files and checkpoints
 
 class DiskFullError(OSError):
@@ -96,6 +98,7 @@ def load_checkpoint(path, expected_kind: str | None = None, made_by: str | None 
                          f"fields{', missing ' + ', '.join(missing) if missing and isinstance(ckpt, dict) else ''})")
     if expected_kind is not None and ckpt["kind"] != expected_kind:
         raise ValueError(f"{path} holds a {ckpt['kind']!r} checkpoint, expected {expected_kind!r}")
+    ckpt["args"] = {RENAMED_ARGS.get(k, k): v for k, v in ckpt["args"].items()}  # older checkpoints load too
     return ckpt
 
 

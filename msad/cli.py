@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import torch
 
+from .align import LR_MODES
 from .checkpoint import DiskFullError
 from .engine import AMP_DTYPES
 from .distill import KD_WARMUP
@@ -26,7 +27,7 @@ PRESETS = {
         "common": dict(data_root="data/coco", backbone="resnet50", width=1.0, norm="frozen_bn", freeze_at=2,
                        fpn_channels=256, head_convs=4, train_sizes=COCO_SIZES, max_size=1333, test_size=800,
                        backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5",
-                       lr_mode="nearest", checkpoint_period=5000,
+                       low_res_mode="nearest", checkpoint_period=5000,
                        eval_batch_size=8, workers=4, cff_hidden=0),
         # Released MSAD teachers: batch 8, lr 0.01, 180k iterations, steps at 120k and 160k.
         "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
@@ -37,7 +38,7 @@ PRESETS = {
     "demo": {
         "common": dict(data_root="data/synthetic", backbone="resnet18", width=0.25, norm="gn", freeze_at=0,
                        fpn_channels=32, head_convs=2, train_sizes=(224, 240, 256), max_size=400, test_size=256,
-                       backbone_weights=None, warmup_iters=100, p6_from="c5", lr_mode="nearest",
+                       backbone_weights=None, warmup_iters=100, p6_from="c5", low_res_mode="nearest",
                        checkpoint_period=100, eval_batch_size=16, workers=1, cff_hidden=16),
         "teacher": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370)),
         "student": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370), kd_warmup=100),
@@ -76,8 +77,9 @@ def add_model_args(p: argparse.ArgumentParser):
                    "than its teacher: it then distils through 1x1 adapters)")
     g.add_argument("--head-convs", type=int, help="convs per head tower (4 on COCO; 0: the predictions read the FPN)")
     g.add_argument("--p6-from", choices=("c5", "p5"), help="P6 source: c5 (released MSAD, default) or p5 (FCOS)")
-    g.add_argument("--lr-mode", choices=("nearest", "antialias"),
+    g.add_argument("--low-res-mode", choices=LR_MODES,
                    help="how the half-size image is made from the padded HR batch (default nearest, as released)")
+    g.add_argument("--lr-mode", dest="low_res_mode", choices=LR_MODES, help=argparse.SUPPRESS)  # its old name
 
 
 def add_train_args(p: argparse.ArgumentParser, default_output: str):

@@ -170,7 +170,8 @@ class _StopRequest:
 class _Logger:
     """Rank 0's log.jsonl: one flushed JSON line per log period with timings averaged since the last line.
 
-    "iter" counts completed iterations (like checkpoint["iteration"]); "lr" is the one the last step used.
+    "iter" counts completed iterations (like checkpoint["iteration"]); "learning_rate" is the one the last step
+    used (the "lr_" prefix of loss terms means the low-resolution branch).
     """
 
     def __init__(self, cfg: TrainConfig, enabled: bool):
@@ -190,7 +191,7 @@ class _Logger:
         if not self.enabled:
             return
         mem = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
-        record = {"iter": iteration, "lr": lr, **terms, "loss": sum(terms.values()),
+        record = {"iter": iteration, "learning_rate": lr, **terms, "loss": sum(terms.values()),
                   "time": self.time / max(self.n, 1), "data_time": self.data_time / max(self.n, 1),
                   "max_mem_mb": mem}
         with open(self.path, "a") as f:

@@ -32,7 +32,7 @@ class ModelConfig:
     head_convs: int = 4
     num_classes: int = 80
     p6_from: str = "c5"
-    lr_mode: str = "nearest"
+    low_res_mode: str = "nearest"
     fusion: bool = True
     cff_hidden: int = 0  # C-FF gate hidden width; 0 = fpn_channels / 8 (released)
     fused_weight: float = FUSED_WEIGHT
@@ -72,7 +72,7 @@ class FCOS(nn.Module):
         return self.fpn(self.backbone(x), levels)
 
     def low_res(self, x: torch.Tensor) -> torch.Tensor:
-        return align.make_low_res(x, self.cfg.lr_mode)
+        return align.make_low_res(x, self.cfg.low_res_mode)
 
     def branch_features(self, x: torch.Tensor) -> list:
         """This detector's pyramid on a normalised HR batch (halved first when input_scale is 0.5)."""

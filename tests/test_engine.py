@@ -90,7 +90,7 @@ def test_loss_goes_down_and_log_has_every_term(tmp_path):
     log = read_log(tmp_path)
     assert [r["iter"] for r in log] == [10, 20, 30, 40, 50, 60]
     for r in log:
-        assert {"iter", "lr", "loss_mse", "loss_l1", "loss", "time", "data_time", "max_mem_mb"} <= r.keys()
+        assert {"iter", "learning_rate", "loss_mse", "loss_l1", "loss", "time", "data_time", "max_mem_mb"} <= r.keys()
         assert r["loss"] == pytest.approx(r["loss_mse"] + r["loss_l1"])
         assert r["max_mem_mb"] is None  # CPU
     assert np.mean([r["loss"] for r in log[-2:]]) < 0.5 * np.mean([r["loss"] for r in log[:2]])

@@ -215,6 +215,16 @@ def test_freeze_at_out_of_range_and_cuda_without_cuda_are_refused(capsys):
             train_teacher.parse_args(["--device", "cuda"])
 
 
+def test_old_lr_mode_flag_is_a_hidden_alias_of_low_res_mode(capsys):
+    import train_teacher
+    assert train_teacher.parse_args(["--lr-mode", "antialias"]).low_res_mode == "antialias"
+    assert train_teacher.parse_args([]).low_res_mode == "nearest"  # the preset's
+    with pytest.raises(SystemExit):
+        train_teacher.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--low-res-mode" in help_text and "--lr-mode" not in help_text
+
+
 def test_missing_data_root_is_an_error_not_generated_data(tmp_path, monkeypatch):
     import evaluate
     import train_teacher
