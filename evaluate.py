@@ -96,8 +96,8 @@ def main(argv=None):
     for key in DATA_KEYS:  # evaluate on the data the model was trained for unless told otherwise
         if getattr(args, key) is None and ckpt["args"].get(key) is not None:
             setattr(args, key, ckpt["args"][key])
-    args.preset, args.seed = args.preset or "demo", 0
-    args = resolve(args, "student")
+    args.preset = args.preset or "demo"
+    args = resolve(args, None)  # the preset's data and evaluation settings; no training stage
     info = runner.start(args, training=False, needs_data=not args.images)
     model = model_from_checkpoint(ckpt, args.checkpoint, args.branch).to(info.device)
     if args.images:

@@ -13,7 +13,7 @@ Baselines (the paper's Table 1), vanilla FCOS on P3..P7:
     ... train_teacher.py --preset coco --mode single --train-sizes 320,336,352,368,384,400 --max-size 667 --test-size 400
     ... train_teacher.py --preset coco --mode single --train-sizes 320,...,800 --test-size 400   # vanilla multi-scale
 """
-from msad import runner
+from msad import engine, runner
 from msad.cli import model_config, resolve, run_script, training_parser
 from msad.models import FUSED_WEIGHT, build_model, init_backbone
 
@@ -34,14 +34,27 @@ def main(argv=None):
     args = parse_args(argv)
     args.fusion = not args.no_fusion
     kind = "teacher" if args.mode == "aligned" else "fcos"
-    info = runner.start(args)
+    info = runner.start(args)  # output folder, process group, seeds, data checks: everything that can fail early
+
+    # data
     train_set = runner.train_dataset(args)
+
+    # model: the teacher (HR P3-P7 + LR P2-P6 + C-FF) or vanilla FCOS; DDP around it
     model = build_model(kind, model_config(args, train_set.num_classes))
     init_backbone(model, args.backbone_weights)
     model = runner.prepare_model(model, args, info)
-    trainable = runner.ddp(model, info)
-    result = runner.fit(args, info, kind, model, lambda batch, it: trainable(batch), train_set)
-    return runner.finish(args, info, model, result, {"kind": kind})
+    model_ddp = runner.ddp(model, info)
+
+    # optimizer and lr schedule
+    optimizer, scheduler = runner.optimizer_and_schedule(model, args)
+
+    # the loop: every step is model_ddp(batch, iteration) -> dict of losses; checkpoints, resume, log.jsonl
+    result = engine.train(model_ddp, model, optimizer, scheduler, runner.train_batches(args, info, train_set),
+                          runner.train_config(args, info, kind))
+
+    # evaluation of the final model (the fused branch for the teacher) and the metrics line
+    metrics = runner.final_evaluation(args, info, model, result)
+    return runner.finish(args, info, result, metrics | {"kind": kind})
 
 
 if __name__ == "__main__":

@@ -442,13 +442,12 @@ def main(argv=None):
                 m.head.box_pred.bias.zero_()
         copy_weights_to_torchvision(ours, theirs)
         frozen_teacher = prep(build_model("teacher", cfg)).eval().requires_grad_(False)
-        distilled = DistilledStudent(student, FeatureDistillation())
+        distilled = DistilledStudent(student, FeatureDistillation(), frozen_teacher)
         for m in (ours, theirs, teacher, distilled):
             m.train()
 
         def student_forward():
-            teacher_feats = frozen_teacher.distillation_targets(hr_batch)  # no_grad inside, as train_student.py
-            return distilled(hr_batch, teacher_feats, iteration=1000)
+            return distilled(hr_batch, 1000)  # the teacher's features under no_grad inside, as in train_student.py
 
         train_fns = {
             "ours_fcos": train_step(ours, sgd(ours), lambda: ours(hr_batch), amp, device),

@@ -115,10 +115,11 @@ def training_parser(doc: str, default_output: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace, stage: str) -> argparse.Namespace:
-    """Fill every unset flag from the preset, then check the values that must hold before any work starts."""
+def resolve(args: argparse.Namespace, stage: str | None) -> argparse.Namespace:
+    """Fill every unset flag from the preset (its common part, plus the training `stage`'s: teacher, student or
+    fcos; None for evaluation), then check the values that must hold before any work starts."""
     preset = PRESETS[args.preset]
-    for key, value in {**preset["common"], **preset[_PRESET_STAGE[stage]]}.items():
+    for key, value in {**preset["common"], **(preset[_PRESET_STAGE[stage]] if stage else {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if getattr(args, "backbone_weights", None) in ("none", ""):

@@ -236,13 +236,13 @@ def _optimizer_step(total, optimizer, scaler, clip_grad) -> None:
     scaler.update()
 
 
-def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_iter_fn,
+def train(train_model, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_iter_fn,
           cfg: TrainConfig, aux: dict | None = None) -> dict:
-    """Run iterations [start, cfg.iters) of `step_fn`; the one training loop of both stages.
+    """Run iterations [start, cfg.iters) of `train_model`; the one training loop of both stages.
 
-    step_fn(batch, iteration) -> dict of named scalar losses (the DDP-wrapped forward happens inside);
-        the optimised loss is their sum.
-    model: the unwrapped trainable module (saved as checkpoint["model"]).
+    train_model(batch, iteration) -> dict of named scalar losses: the DDP-wrapped model (the teacher, or the
+        student's distillation wrapper); the optimised loss is the sum of the terms.
+    model: the unwrapped module that is saved as checkpoint["model"] (the teacher, or the student alone).
     data_iter_fn(start_iter) -> iterator of batches from that iteration on; each batch has .to(device).
     aux: name -> module trained with the model (its parameters in `optimizer`) but not part of it, e.g. the
         student's distillation adapters: saved in checkpoint.pth under "aux", restored on resume, left out
@@ -291,7 +291,7 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
             t_data = time.perf_counter() - t0
 
             with torch.autocast(cfg.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = step_fn(batch, it)
+                losses = train_model(batch, it)
             terms, stop_now = _global_terms(losses, stop.requested, cfg.device)
             _check_finite(terms, it)  # before backward: the weights stay those of the last good step
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses

@@ -281,8 +281,9 @@ def test_a_run_stopped_by_ctrl_c_exits_130_with_the_resume_hint_last(tmp_path, c
     args = argparse.Namespace(output_dir=str(tmp_path), no_eval=False, iters=10)
     info = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     result = {"iterations": 4, "start_iteration": 0, "final_loss": 1.0, "stopped": True, "signal": "SIGINT"}
+    assert runner.final_evaluation(args, info, None, result) == {}  # no evaluation of a stopped run
     with pytest.raises(SystemExit) as e:
-        runner.finish(args, info, None, result, {"kind": "teacher"})
+        runner.finish(args, info, result, {"kind": "teacher"})
     assert e.value.code == 130
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["stopped"] is True
