@@ -14,7 +14,7 @@ import os
 
 from msad import dist, runner, vis
 from msad.align import HR_PAD
-from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script
+from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script, show_preset_values
 from msad.data import CocoDetection, ImageFolder
 from msad.samplers import build_eval_loader
 from msad.diagnostics import CFFWeights
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     g.add_argument("--vis", help="write pictures of the detections (and of the ground truth, if any) into this folder")
     g.add_argument("--vis-count", type=int, help="how many images --vis draws (default 8; all with --images)")
     g.add_argument("--vis-thresh", type=float, default=0.3, help="--vis draws detections scoring at least this")
-    return p.parse_args(argv)
+    return show_preset_values(p, None).parse_args(argv)
 
 
 def evaluate_file(args) -> dict:

@@ -17,7 +17,7 @@ import os
 
 from msad import engine, runner
 from msad.checkpoint import load_checkpoint
-from msad.cli import model_config, resolve, run_script, training_parser
+from msad.cli import model_config, resolve, run_script, show_preset_values, training_parser
 from msad.diagnostics import StudentProbe, probe_iterations
 from msad.distill import DISTANCES, KD_WEIGHT, NORMALIZE, FeatureDistillation, build_adapters
 from msad.engine import LOG
@@ -38,7 +38,7 @@ def parse_args(argv=None):
                    help="none (released): mean |S-F| per level; level: divided by mean |F| of that level")
     g.add_argument("--init", choices=("teacher", "imagenet", "scratch"), default="teacher",
                    help="student initialisation: teacher backbone+FPN+head (released code), ImageNet, or random")
-    return p.parse_args(argv)
+    return show_preset_values(p, "student").parse_args(argv)
 
 
 def check_init(args, teacher_args: dict) -> None:

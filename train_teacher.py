@@ -14,7 +14,7 @@ Baselines (the paper's Table 1), vanilla FCOS on P3..P7:
     ... train_teacher.py --preset coco --mode single --train-sizes 320,...,800 --test-size 400   # vanilla multi-scale
 """
 from msad import engine, runner
-from msad.cli import model_config, resolve, run_script, training_parser
+from msad.cli import model_config, resolve, run_script, show_preset_values, training_parser
 from msad.models import FUSED_WEIGHT, build_model, init_backbone
 
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     g.add_argument("--no-fusion", action="store_true", help="aligned multi-scale training without C-FF (ablation)")
     g.add_argument("--cff-hidden", type=int, help="C-FF gate hidden width (default: the preset's; 0 = FPN width / 8)")
     g.add_argument("--fused-weight", type=float, default=FUSED_WEIGHT, help="loss weight of the fused branch (released: %(default)s)")
-    args = p.parse_args(argv)
+    args = show_preset_values(p, "teacher").parse_args(argv)  # --mode single takes the students' schedule
     return resolve(args, "teacher" if args.mode == "aligned" else "fcos")
 
 

@@ -115,6 +115,19 @@ def training_parser(doc: str, default_output: str) -> argparse.ArgumentParser:
     return p
 
 
+def show_preset_values(p: argparse.ArgumentParser, stage: str | None) -> argparse.ArgumentParser:
+    """Append each preset's value to the --help of every flag that a preset fills (call after adding all flags)."""
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    for action in p._actions:
+        values = {name: {**preset["common"], **(preset[_PRESET_STAGE[stage]] if stage else {})}
+                  for name, preset in sorted(PRESETS.items())}
+        if action.help != argparse.SUPPRESS and any(action.dest in v for v in values.values()):
+            action.help = (f"{action.help or ''} [" + "; ".join(f"{name}: {shown(v[action.dest])}"
+                                                               for name, v in values.items() if action.dest in v) + "]")
+    return p
+
+
 def resolve(args: argparse.Namespace, stage: str | None) -> argparse.Namespace:
     """Fill every unset flag from the preset (its common part, plus the training `stage`'s: teacher, student or
     fcos; None for evaluation), then check the values that must hold before any work starts."""

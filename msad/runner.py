@@ -3,6 +3,7 @@ device placement and DDP, the loop's configuration, the final evaluation and the
 
 The scripts themselves show their flow (data, model, optimizer, loop, evaluation); these are its steps.
 """
+import json
 import os
 import signal
 import sys
@@ -35,6 +36,9 @@ def start(args, training: bool = True, needs_data: bool = True) -> dist.DistInfo
         if int(os.environ.get("RANK", 0)) == 0:
             outdir.claim_output_dir(args.output_dir, args.resume, args.overwrite)
     info = dist.init_distributed(args.device)
+    if training and info.is_main:  # the resolved configuration: printed, and kept beside the run
+        print("config: " + json.dumps(plain_args(args), sort_keys=True), flush=True)
+        write_json_atomic(plain_args(args), os.path.join(args.output_dir, "config.json"))
     if training:
         seed_everything(args.seed, info.rank)
     if needs_data:

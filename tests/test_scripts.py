@@ -40,6 +40,20 @@ def test_every_evaluation_reports_the_models_cost(demo):
     assert json.loads((tmp / "eval_cost" / "metrics.json").read_text())["gflops"] == evaluated["gflops"]
 
 
+def test_each_run_keeps_its_resolved_configuration_in_config_json(demo):
+    config = json.loads((demo["tmp"] / "student" / "config.json").read_text())
+    # a flag, a preset value, a value taken from the teacher, a derived one
+    assert config["kd_warmup"] == 2 and config["lr"] == 0.02 and config["head_convs"] == 1
+    assert config["batch_per_process"] == 2
+    saved = torch.load(demo["tmp"] / "student" / "model_final.pth", weights_only=True)["args"]
+    assert all(saved[k] == v for k, v in config.items())  # what the checkpoint was trained with
+
+
+def test_help_shows_each_presets_value():
+    proc = run("train_teacher.py", "--help")
+    assert proc.returncode == 0 and "[coco: 0.01; demo: 0.02]" in " ".join(proc.stdout.split())  # --lr
+
+
 def test_teacher_script_writes_checkpoint_log_and_metrics(demo):
     out = demo["tmp"] / "teacher"
     assert demo["teacher"]["kind"] == "teacher" and demo["teacher"]["iterations"] == 3
