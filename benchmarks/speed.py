@@ -46,6 +46,7 @@ from msad import align  # noqa: E402
 from msad.data import ImageBatch  # noqa: E402
 from msad.imagenet import normalize  # noqa: E402
 from msad.distill import FeatureDistillation  # noqa: E402
+from msad.fcos_head import prior_bias  # noqa: E402
 from msad.fcos_loss import assign_targets, fcos_losses  # noqa: E402
 from msad.models import DistilledStudent, ModelConfig, build_model  # noqa: E402
 
@@ -332,6 +333,136 @@ def fmt_ms(s):
     return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
 
 
+def inference_section(args, models: dict, hr_batch, lr_batch, tv_images, device, amp) -> dict:
+    """2 + 5a. inference: ours vs torchvision (same weights), naive LR, student, light students."""
+    ours, theirs, student, light = models["ours"], models["theirs"], models["student"], models["light"]
+    set_dense_head(*[(m.head.cls_logits.bias, m.head.box_pred.bias) for m in (ours, student, *light.values())])
+    copy_weights_to_torchvision(ours, theirs)
+    for m in (ours, theirs, student, *light.values()):
+        m.eval()
+
+    def infer(fn):
+        def run():
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                return fn()
+        return run
+
+    inf_fns = {"ours_hr": infer(lambda: ours(hr_batch)), "ours_naive_lr": infer(lambda: ours(lr_batch)),
+               "ours_student": infer(lambda: student(hr_batch)),
+               **{k: infer(lambda m=m: m(hr_batch)) for k, m in light.items()}}
+    if not args.cost_only:
+        inf_fns["torchvision_hr"] = infer(lambda: theirs(tv_images))
+        with torch.no_grad():  # in fp32 whatever --amp says: the two networks must compute the same thing
+            det_ours = ours(hr_batch)
+            theirs.anchor_generator = HalfStrideAnchors(theirs.anchor_generator)  # for this check only
+            det_theirs = theirs(tv_images)
+            theirs.anchor_generator = theirs.anchor_generator.generator
+        same = all(same_detections(a, b) for a, b in zip(det_ours, det_theirs))
+    inf = bench(inf_fns, args.warmup, args.repeats, device)
+    section = {"seconds": inf}
+    if not args.cost_only:
+        section |= {"torchvision_over_ours": inf["torchvision_hr"] / inf["ours_hr"],
+                    "detections_per_image": [len(d["scores"]) for d in det_ours],
+                    "same_detections_as_torchvision": same}
+    return section
+
+
+def loss_section(args, ours, theirs, hr_batch, tv_targets, device) -> dict:
+    """3. the loss/target part alone: our assign_targets + fcos_losses vs torchvision's FCOS.compute_loss."""
+    B, (H, W), K = args.batch, args.size, ours.cfg.num_classes
+    shapes = pyramid_shapes(H, W)
+    geometry = ours.geometry([torch.empty(B, 1, h, w, device=device) for h, w in shapes])
+    points, strides, ranges, _ = geometry
+    L = points.shape[0]
+    g = torch.Generator(device=device).manual_seed(0)
+    cls = (torch.randn(B, L, K, device=device, generator=g) - 4.0).requires_grad_()
+    box = (torch.rand(B, L, 4, device=device, generator=g) * 4 + 0.1).requires_grad_()
+    ctr = torch.randn(B, L, device=device, generator=g).requires_grad_()
+    head_out = {"cls_logits": cls, "bbox_regression": box, "bbox_ctrness": ctr[..., None]}
+    feats = [torch.empty(B, 1, h, w, device=device) for h, w in shapes]
+    anchors = theirs.anchor_generator(ImageList(torch.empty(B, 3, H, W, device=device), [(H, W)] * B), feats)
+    num_per_level = [h * w for h, w in shapes]
+    boxes_l, labels_l = [t["boxes"] for t in hr_batch.targets], [t["labels"] for t in hr_batch.targets]
+
+    def ours_loss():  # as FCOS.targets calls it: with the level shapes, so nothing is read back from the device
+        targets = assign_targets(points, strides, ranges, boxes_l, labels_l, shapes=shapes)
+        return fcos_losses(cls, box, ctr, targets)
+
+    def theirs_loss():
+        return theirs.compute_loss(tv_targets, head_out, anchors, num_per_level)
+
+    def backward(fn):
+        def run():
+            sum(fn().values()).backward()
+            cls.grad = box.grad = ctr.grad = None
+        return run
+
+    loss_reps = max(5, 5 * args.repeats)
+    loss_fwd = bench({"ours": ours_loss, "torchvision": theirs_loss}, 2, loss_reps, device)
+    loss_bwd = bench({"ours": backward(ours_loss), "torchvision": backward(theirs_loss)}, 2, loss_reps, device)
+    return {"locations": L, "forward_seconds": loss_fwd, "forward_backward_seconds": loss_bwd,
+            "forward_torchvision_over_ours": loss_fwd["torchvision"] / loss_fwd["ours"],
+            "forward_backward_torchvision_over_ours": loss_bwd["torchvision"] / loss_bwd["ours"]}
+
+
+def train_section(args, models: dict, frozen_teacher, hr_batch, tv_images, tv_targets, device, amp) -> dict:
+    """1 + 4 + 5b. training: ours vs torchvision, teacher, student (with its frozen teacher)."""
+    ours, theirs, student, teacher = models["ours"], models["theirs"], models["student"], models["teacher"]
+    for m in (ours, student):  # back to the FCOS prior init for training
+        with torch.no_grad():
+            m.head.cls_logits.bias.fill_(prior_bias())
+            m.head.box_pred.bias.zero_()
+    copy_weights_to_torchvision(ours, theirs)
+    distilled = DistilledStudent(student, FeatureDistillation(), frozen_teacher)
+    for m in (ours, theirs, teacher, distilled):
+        m.train()
+
+    def student_forward():
+        return distilled(hr_batch, 1000)  # the teacher's features under no_grad inside, as in train_student.py
+
+    train_fns = {
+        "ours_fcos": train_step(ours, sgd(ours), lambda: ours(hr_batch), amp, device),
+        "torchvision_fcos": train_step(theirs, sgd(theirs), lambda: theirs(tv_images, tv_targets), amp, device),
+        "ours_teacher": train_step(teacher, sgd(teacher), lambda: teacher(hr_batch), amp, device),
+        "ours_student_with_teacher": train_step(distilled, sgd(distilled), student_forward, amp, device),
+    }
+    tr = bench(train_fns, args.warmup, args.repeats, device)
+    syncs = {k: count_syncs(train_fns[k], device) for k in ("ours_fcos", "torchvision_fcos", "ours_teacher")}
+    return {"seconds": tr, "torchvision_over_ours": tr["torchvision_fcos"] / tr["ours_fcos"],
+            "host_device_syncs_per_step": syncs, "teacher_over_fcos": tr["ours_teacher"] / tr["ours_fcos"],
+            "images_per_second": {k: args.batch / v for k, v in tr.items()}}
+
+
+def cost_section(args, cfg, light_cfgs: dict, hr_batch, lr_batch, inf: dict) -> dict:
+    """FLOPs and params (meta device: no compute) of every model, with the latencies measured above."""
+    H, W = args.size
+    hr_meta, lr_meta = hr_batch.images.to("meta"), lr_batch.images.to("meta")
+    fcos_m, student_m, teacher_m = meta_copy("fcos", cfg), meta_copy("student", cfg), meta_copy("teacher", cfg)
+    models = {
+        "hr_fcos": {"input": [H, W], "levels": list(fcos_m.levels), "params": param_split(fcos_m),
+                    "flops_inference": flops_split(fcos_m, "fcos", hr_meta, False),
+                    "head_grid": pyramid_shapes(H, W), "latency_s": inf["ours_hr"]},
+        "naive_lr_fcos": {"input": [H // 2, W // 2], "levels": list(fcos_m.levels), "params": param_split(fcos_m),
+                          "flops_inference": flops_split(fcos_m, "fcos", lr_meta, False),
+                          "head_grid": pyramid_shapes(H // 2, W // 2), "latency_s": inf["ours_naive_lr"]},
+        "msad_student": {"input": [H // 2, W // 2], "levels": list(student_m.levels), "params": param_split(student_m),
+                         "flops_inference": flops_split(student_m, "student", hr_meta, False),
+                         "head_grid": pyramid_shapes(H // 2, W // 2, student_m.levels),
+                         "latency_s": inf["ours_student"]},
+    }
+    for name, c in light_cfgs.items():  # P2-P6 of the half image, like the MSAD student, with a thinner FPN / head
+        m = meta_copy("student", c)
+        models[name] = {
+            "input": [H // 2, W // 2], "levels": list(m.levels), "fpn_channels": c.fpn_channels,
+            "head_convs": c.head_convs, "params": param_split(m), "flops_inference": flops_split(m, "student",
+                                                                                                 hr_meta, False),
+            "head_grid": pyramid_shapes(H // 2, W // 2, m.levels), "latency_s": inf[name]}
+    train_flops = {"fcos": flops_split(fcos_m, "fcos", hr_meta, True),
+                   "teacher": flops_split(teacher_m, "teacher", hr_meta, True)}
+    train_flops["teacher_over_fcos"] = train_flops["teacher"]["total"] / train_flops["fcos"]["total"]
+    return {"models": models, "train_flops": train_flops}
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -356,139 +487,25 @@ def main(argv=None):
     tv_images = list(normalize(hr_batch.images))  # torchvision gets the same normalised tensor, unresized
     tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in hr_batch.targets]
 
-    ours = prep(build_model("fcos", cfg))
-    theirs = prep(torchvision_fcos(K))
-    seen, _ = theirs.transform(tv_images)  # torchvision must get exactly our tensor: no resize, no normalisation
+    models = {"ours": prep(build_model("fcos", cfg)), "theirs": prep(torchvision_fcos(K))}
+    seen, _ = models["theirs"].transform(tv_images)  # torchvision must get exactly our tensor: no resize or normalising
     if seen.tensors.shape[-2:] != (H, W) or not torch.equal(seen.tensors, torch.stack(tv_images)):
         raise RuntimeError(f"torchvision's transform changed the input ({tuple(seen.tensors.shape)})")
-    student = prep(build_model("student", cfg))
-    teacher = prep(build_model("teacher", cfg))
+    models["student"] = prep(build_model("student", cfg))
+    models["teacher"] = prep(build_model("teacher", cfg))
     light_cfgs = {k: replace(cfg, fpn_channels=f, head_convs=n) for k, (f, n) in LIGHT_STUDENTS.items()}
-    light = {k: prep(build_model("student", c)) for k, c in light_cfgs.items()}
+    models["light"] = {k: prep(build_model("student", c)) for k, c in light_cfgs.items()}
 
-    # ---- 2 + 5a. inference: ours vs torchvision (same weights), naive LR, student, light students --------
-    set_dense_head(*[(m.head.cls_logits.bias, m.head.box_pred.bias) for m in (ours, student, *light.values())])
-    copy_weights_to_torchvision(ours, theirs)
-    for m in (ours, theirs, student, *light.values()):
-        m.eval()
-
-    def infer(fn):
-        def run():
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                return fn()
-        return run
-
-    inf_fns = {"ours_hr": infer(lambda: ours(hr_batch)), "ours_naive_lr": infer(lambda: ours(lr_batch)),
-               "ours_student": infer(lambda: student(hr_batch)),
-               **{k: infer(lambda m=m: m(hr_batch)) for k, m in light.items()}}
-    if not args.cost_only:
-        inf_fns["torchvision_hr"] = infer(lambda: theirs(tv_images))
-        with torch.no_grad():  # in fp32 whatever --amp says: the two networks must compute the same thing
-            det_ours = ours(hr_batch)
-            theirs.anchor_generator = HalfStrideAnchors(theirs.anchor_generator)  # for this check only
-            det_theirs = theirs(tv_images)
-            theirs.anchor_generator = theirs.anchor_generator.generator
-        same = all(same_detections(a, b) for a, b in zip(det_ours, det_theirs))
-    inf = bench(inf_fns, args.warmup, args.repeats, device)
-    results["inference"] = {"seconds": inf}
-    if not args.cost_only:
-        results["inference"] |= {"torchvision_over_ours": inf["torchvision_hr"] / inf["ours_hr"],
-                                 "detections_per_image": [len(d["scores"]) for d in det_ours],
-                                 "same_detections_as_torchvision": same}
-    print(f"inference done ({time.perf_counter() - t_start:.0f}s): {inf}")
-
+    results["inference"] = inference_section(args, models, hr_batch, lr_batch, tv_images, device, amp)
+    print(f"inference done ({time.perf_counter() - t_start:.0f}s): {results['inference']['seconds']}")
     if not args.cost_only:  # sections 1, 3 and 4: the comparisons with torchvision and the teacher
-        # ---- 3. the loss/target part alone ------------------------------------------------------------------
-        shapes = pyramid_shapes(H, W)
-        geometry = ours.geometry([torch.empty(B, 1, h, w, device=device) for h, w in shapes])
-        points, strides, ranges, _ = geometry
-        L = points.shape[0]
-        g = torch.Generator(device=device).manual_seed(0)
-        cls = (torch.randn(B, L, K, device=device, generator=g) - 4.0).requires_grad_()
-        box = (torch.rand(B, L, 4, device=device, generator=g) * 4 + 0.1).requires_grad_()
-        ctr = torch.randn(B, L, device=device, generator=g).requires_grad_()
-        head_out = {"cls_logits": cls, "bbox_regression": box, "bbox_ctrness": ctr[..., None]}
-        feats = [torch.empty(B, 1, h, w, device=device) for h, w in shapes]
-        anchors = theirs.anchor_generator(ImageList(torch.empty(B, 3, H, W, device=device), [(H, W)] * B), feats)
-        num_per_level = [h * w for h, w in shapes]
-        boxes_l, labels_l = [t["boxes"] for t in hr_batch.targets], [t["labels"] for t in hr_batch.targets]
-
-        def ours_loss():  # as FCOS.targets calls it: with the level shapes, so nothing is read back from the device
-            targets = assign_targets(points, strides, ranges, boxes_l, labels_l, shapes=shapes)
-            return fcos_losses(cls, box, ctr, targets)
-
-        def theirs_loss():
-            return theirs.compute_loss(tv_targets, head_out, anchors, num_per_level)
-
-        def backward(fn):
-            def run():
-                sum(fn().values()).backward()
-                cls.grad = box.grad = ctr.grad = None
-            return run
-
-        loss_reps = max(5, 5 * args.repeats)
-        loss_fwd = bench({"ours": ours_loss, "torchvision": theirs_loss}, 2, loss_reps, device)
-        loss_bwd = bench({"ours": backward(ours_loss), "torchvision": backward(theirs_loss)}, 2, loss_reps, device)
-        results["loss_targets"] = {
-            "locations": L, "forward_seconds": loss_fwd, "forward_backward_seconds": loss_bwd,
-            "forward_torchvision_over_ours": loss_fwd["torchvision"] / loss_fwd["ours"],
-            "forward_backward_torchvision_over_ours": loss_bwd["torchvision"] / loss_bwd["ours"]}
-        print(f"loss done ({time.perf_counter() - t_start:.0f}s): {loss_fwd} {loss_bwd}")
-
-        # ---- 1 + 4 + 5b. training: ours vs torchvision, teacher, student (with its frozen teacher) ---------------
-        for m in (ours, student):  # back to the FCOS prior init for training
-            with torch.no_grad():
-                m.head.cls_logits.bias.fill_(-4.59511985013459)
-                m.head.box_pred.bias.zero_()
-        copy_weights_to_torchvision(ours, theirs)
+        results["loss_targets"] = loss_section(args, models["ours"], models["theirs"], hr_batch, tv_targets, device)
+        print(f"loss done ({time.perf_counter() - t_start:.0f}s): {results['loss_targets']['forward_seconds']} "
+              f"{results['loss_targets']['forward_backward_seconds']}")
         frozen_teacher = prep(build_model("teacher", cfg)).eval().requires_grad_(False)
-        distilled = DistilledStudent(student, FeatureDistillation(), frozen_teacher)
-        for m in (ours, theirs, teacher, distilled):
-            m.train()
-
-        def student_forward():
-            return distilled(hr_batch, 1000)  # the teacher's features under no_grad inside, as in train_student.py
-
-        train_fns = {
-            "ours_fcos": train_step(ours, sgd(ours), lambda: ours(hr_batch), amp, device),
-            "torchvision_fcos": train_step(theirs, sgd(theirs), lambda: theirs(tv_images, tv_targets), amp, device),
-            "ours_teacher": train_step(teacher, sgd(teacher), lambda: teacher(hr_batch), amp, device),
-            "ours_student_with_teacher": train_step(distilled, sgd(distilled), student_forward, amp, device),
-        }
-        tr = bench(train_fns, args.warmup, args.repeats, device)
-        syncs = {k: count_syncs(train_fns[k], device) for k in ("ours_fcos", "torchvision_fcos", "ours_teacher")}
-        results["train"] = {"seconds": tr, "torchvision_over_ours": tr["torchvision_fcos"] / tr["ours_fcos"],
-                            "host_device_syncs_per_step": syncs,
-                            "teacher_over_fcos": tr["ours_teacher"] / tr["ours_fcos"],
-                            "images_per_second": {k: B / v for k, v in tr.items()}}
-        print(f"train done ({time.perf_counter() - t_start:.0f}s): {tr}")
-
-    # ---- FLOPs and params (meta device: no compute) ---------------------------------------------------------
-    hr_meta, lr_meta = hr_batch.images.to("meta"), lr_batch.images.to("meta")
-    fcos_m, student_m, teacher_m = meta_copy("fcos", cfg), meta_copy("student", cfg), meta_copy("teacher", cfg)
-    results["models"] = {
-        "hr_fcos": {"input": [H, W], "levels": list(fcos_m.levels), "params": param_split(fcos_m),
-                    "flops_inference": flops_split(fcos_m, "fcos", hr_meta, False),
-                    "head_grid": pyramid_shapes(H, W), "latency_s": inf["ours_hr"]},
-        "naive_lr_fcos": {"input": [H // 2, W // 2], "levels": list(fcos_m.levels), "params": param_split(fcos_m),
-                          "flops_inference": flops_split(fcos_m, "fcos", lr_meta, False),
-                          "head_grid": pyramid_shapes(H // 2, W // 2), "latency_s": inf["ours_naive_lr"]},
-        "msad_student": {"input": [H // 2, W // 2], "levels": list(student_m.levels), "params": param_split(student_m),
-                         "flops_inference": flops_split(student_m, "student", hr_meta, False),
-                         "head_grid": pyramid_shapes(H // 2, W // 2, student_m.levels),
-                         "latency_s": inf["ours_student"]},
-    }
-    for name, c in light_cfgs.items():  # P2-P6 of the half image, like the MSAD student, with a thinner FPN / head
-        m = meta_copy("student", c)
-        results["models"][name] = {
-            "input": [H // 2, W // 2], "levels": list(m.levels), "fpn_channels": c.fpn_channels,
-            "head_convs": c.head_convs, "params": param_split(m), "flops_inference": flops_split(m, "student",
-                                                                                                 hr_meta, False),
-            "head_grid": pyramid_shapes(H // 2, W // 2, m.levels), "latency_s": inf[name]}
-    results["train_flops"] = {"fcos": flops_split(fcos_m, "fcos", hr_meta, True),
-                              "teacher": flops_split(teacher_m, "teacher", hr_meta, True)}
-    results["train_flops"]["teacher_over_fcos"] = (results["train_flops"]["teacher"]["total"]
-                                                   / results["train_flops"]["fcos"]["total"])
+        results["train"] = train_section(args, models, frozen_teacher, hr_batch, tv_images, tv_targets, device, amp)
+        print(f"train done ({time.perf_counter() - t_start:.0f}s): {results['train']['seconds']}")
+    results |= cost_section(args, cfg, light_cfgs, hr_batch, lr_batch, results["inference"]["seconds"])
     results["total_seconds"] = time.perf_counter() - t_start
 
     md = markdown(results)

@@ -12,6 +12,13 @@ from torchvision.ops import batched_nms
 
 from .backbone import gn_groups
 
+PRIOR_PROB = 0.01  # initial foreground probability of every class at every location (RetinaNet Sec. 4.1)
+
+
+def prior_bias(prior: float = PRIOR_PROB) -> float:
+    """The classification bias that makes sigmoid(logit) = `prior` at init: -log((1 - prior) / prior), -4.595."""
+    return -math.log((1 - prior) / prior)
+
 
 class Scale(nn.Module):
     """A learnable scalar multiplying the box regression of one level position (FCOS Sec. 3.3)."""
@@ -39,7 +46,8 @@ class FCOSHead(nn.Module):
     directly, the cheapest head (a light student's).
     """
 
-    def __init__(self, channels: int, num_classes: int, num_convs: int = 4, num_levels: int = 5, prior: float = 0.01):
+    def __init__(self, channels: int, num_classes: int, num_convs: int = 4, num_levels: int = 5,
+                 prior: float = PRIOR_PROB):
         super().__init__()
         if num_convs < 0 or channels < 1:
             raise ValueError(f"--head-convs must be >= 0 and --fpn-channels >= 1, got {num_convs} and {channels}")
@@ -54,7 +62,7 @@ class FCOSHead(nn.Module):
             if isinstance(m, nn.Conv2d):  # N(0, 0.01) weights, zero bias
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior) / prior))  # focal-loss prior (RetinaNet Sec. 4.1)
+        nn.init.constant_(self.cls_logits.bias, prior_bias(prior))
 
     def forward(self, feats):
         """feats: list over level positions of B x C x h_i x w_i.
