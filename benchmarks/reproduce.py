@@ -44,6 +44,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_BUDGET_ROWS = ("teacher", "teacher_lr", "teacher_fused", "kd_scratch", "student", "student_nokd")
 
 
+def add_run_args(p: argparse.ArgumentParser, runs: str, out: str) -> None:
+    """The flags of every benchmark that trains through the scripts (this one and tune_distillation.py)."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (1 on CPU: torch processes slow each other)")
+    p.add_argument("--extra", default="", help="flags added to every training run (e.g. a tiny model for a test)")
+    p.add_argument("--runs", default=runs, help="run folders and their logs")
+    p.add_argument("--out", default=out, help="results file")
+
+
 def steps(iters: int) -> str:
     """The demo preset's lr steps (300 and 370 of 400), scaled to another budget."""
     return f"{round(iters * 0.75)},{round(iters * 0.925)}"
@@ -163,13 +172,9 @@ def main(argv=None):
     p.add_argument("--max-size", type=int, default=400)
     p.add_argument("--light-fpn-channels", type=int, default=16, help="FPN width F of the light student rows")
     p.add_argument("--rows", help="only these rows (comma-separated json keys); default all")
-    p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, help="data loader workers (default: the preset's)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at once (1 on CPU: torch processes slow each other)")
-    p.add_argument("--extra", default="", help="flags added to every training run (e.g. a tiny model for a test)")
     p.add_argument("--resume-table", action="store_true", help="keep the rows already in --out.json, run the rest")
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "reproduce"))
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "reproduce"))
+    add_run_args(p, os.path.join(ROOT, "runs", "reproduce"), os.path.join(ROOT, "benchmarks", "results", "reproduce"))
     args = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",")]
     args.seeds, args.teacher_iters, args.hr_sizes = ints(args.seeds), ints(args.teacher_iters), ints(args.hr_sizes)
