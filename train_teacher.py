@@ -25,7 +25,8 @@ def parse_args(argv=None):
                    help="aligned: MSAD teacher (HR P3-P7 + LR P2-P6 + fused); single: vanilla FCOS on P3-P7")
     g.add_argument("--no-fusion", action="store_true", help="aligned multi-scale training without C-FF (ablation)")
     g.add_argument("--cff-hidden", type=int, help="C-FF gate hidden width (default: the preset's; 0 = FPN width / 8)")
-    g.add_argument("--fused-weight", type=float, default=FUSED_WEIGHT, help="loss weight of the fused branch (released: %(default)s)")
+    g.add_argument("--fused-weight", type=float, default=FUSED_WEIGHT,
+                   help="loss weight of the fused branch (released: %(default)s)")
     args = show_preset_values(p, "teacher").parse_args(argv)  # --mode single takes the students' schedule
     return resolve(args, "teacher" if args.mode == "aligned" else "fcos")
 

@@ -1,4 +1,4 @@
-"""The real models and scripts under torchrun with 2 gloo processes on CPU (design.md: same code path for
+"""The real models and scripts under torchrun with 2 gloo processes on CPU (the same code path for
 1 and N processes; the frozen teacher outside DDP; evaluation sharded and merged on rank 0)."""
 import json
 import os

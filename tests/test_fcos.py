@@ -1,4 +1,5 @@
-"""FCOS as used by MSAD (FCOS Sec. 3, the released code's improved variant): target assignment, losses, decoding, size, trainability.
+"""FCOS as used by MSAD (FCOS Sec. 3, the released code's improved variant): target assignment, losses,
+decoding, size, trainability.
 
 Assignment cases are built by hand on the HR location grid of a padded image: level positions 0..4 are
 P3..P7 with strides 8..128, locations at (j*s + s//2, i*s + s//2), size ranges [-1,64], [64,128], ...
@@ -138,7 +139,7 @@ def test_image_without_boxes_next_to_one_with_boxes():
 # the dense definition and the fast assignment == a per-image, per-box, per-location Python reference
 # ------------------------------------------------------------------------------------------------------
 def reference_assign(points, strides, ranges, boxes, labels, radius=1.5):
-    """FCOS assignment for one image written as plainly as possible (FCOS Sec. 3, the released code's improved variant)."""
+    """FCOS assignment for one image written as plainly as possible (FCOS Sec. 3.1-3.2), location by location."""
     out_labels, out_ltrb = [], []
     for (x, y), s, (lo, hi) in zip(points.tolist(), strides.tolist(), ranges.tolist()):
         best_area, label, ltrb = math.inf, -1, None
