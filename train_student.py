@@ -67,7 +67,7 @@ def main(argv=None):
     train_set = runner.train_dataset(args)
 
     # model: the LR student (FCOS on P2-P6 of the half-size image), initialised from the teacher or ImageNet
-    student = build_model("student", model_config(args, train_set.num_classes))
+    student = build_model("student", model_config(args))
     teacher = None
     if teacher_args is not None:
         if teacher_args["num_classes"] != train_set.num_classes:

@@ -41,7 +41,7 @@ def main(argv=None):
     train_set = runner.train_dataset(args)
 
     # model: the teacher (HR P3-P7 + LR P2-P6 + C-FF) or vanilla FCOS; DDP around it
-    model = build_model(kind, model_config(args, train_set.num_classes))
+    model = build_model(kind, model_config(args))
     init_backbone(model, args.backbone_weights)
     model = runner.prepare_model(model, args, info)
     model_ddp = runner.ddp(model, info)

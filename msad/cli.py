@@ -194,9 +194,8 @@ def make_output_dir(path, flag: str) -> None:
         raise ValueError(f"{flag} {path}: folder is not writable")
 
 
-def model_config(args, num_classes: int) -> ModelConfig:
-    """The architecture from the flags; num_classes is recorded in args so checkpoints carry it."""
-    args.num_classes = num_classes
+def model_config(args) -> ModelConfig:
+    """The architecture from the resolved flags (and the training set's num_classes, see runner.train_dataset)."""
     return ModelConfig.from_dict(vars(args))
 
 

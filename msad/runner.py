@@ -79,10 +79,10 @@ def check_data_root(args, info: dist.DistInfo, training: bool) -> None:
 
 
 def train_dataset(args) -> CocoDetection:
-    """The training set; its category ids and names go into args, hence into every checkpoint."""
+    """The training set; its category ids, names and count go into args, hence into every checkpoint."""
     ann, images = data_paths(args, "train")
     dataset = CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size)
-    args.cat_ids, args.class_names = dataset.cat_ids, dataset.class_names
+    args.cat_ids, args.class_names, args.num_classes = dataset.cat_ids, dataset.class_names, dataset.num_classes
     return dataset
 
 
