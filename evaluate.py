@@ -14,10 +14,12 @@ import os
 
 from msad import dist, runner, vis
 from msad.align import HR_PAD
-from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script
-from msad.data import CocoDetection, ImageFolder, build_eval_loader
+from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script, show_preset_values
+from msad.data import CocoDetection, ImageFolder
+from msad.samplers import build_eval_loader
 from msad.diagnostics import CFFWeights
-from msad.engine import load_checkpoint, write_json_atomic
+from msad.checkpoint import load_checkpoint, write_json_atomic
+from msad.engine import AMP_DTYPES
 from msad.evaluation import check_results, coco_evaluate, detect_images, load_results
 from msad.models import checkpoint_categories, model_from_checkpoint
 
@@ -35,7 +37,7 @@ def parse_args(argv=None):
     g.add_argument("--detections", help="evaluate this COCO results json against --val-ann instead of a model")
     g.add_argument("--output-dir", default="runs/eval", help="detections.json, metrics.json, visualisations")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision on CUDA")
+    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="mixed precision on CUDA")
     g.add_argument("--images", help="detect on every .jpg/.png of this folder (no annotations): writes "
                    "OUTPUT_DIR/detections.json with file names, boxes in original pixels, scores, class ids and names")
     g.add_argument("--score-thresh", type=float, default=0.0,
@@ -44,7 +46,7 @@ def parse_args(argv=None):
     g.add_argument("--vis", help="write pictures of the detections (and of the ground truth, if any) into this folder")
     g.add_argument("--vis-count", type=int, help="how many images --vis draws (default 8; all with --images)")
     g.add_argument("--vis-thresh", type=float, default=0.3, help="--vis draws detections scoring at least this")
-    return p.parse_args(argv)
+    return show_preset_values(p, None).parse_args(argv)
 
 
 def evaluate_file(args) -> dict:
@@ -94,8 +96,8 @@ def main(argv=None):
     for key in DATA_KEYS:  # evaluate on the data the model was trained for unless told otherwise
         if getattr(args, key) is None and ckpt["args"].get(key) is not None:
             setattr(args, key, ckpt["args"][key])
-    args.preset, args.seed = args.preset or "demo", 0
-    args = resolve(args, "student")
+    args.preset = args.preset or "demo"
+    args = resolve(args, None)  # the preset's data and evaluation settings; no training stage
     info = runner.start(args, training=False, needs_data=not args.images)
     model = model_from_checkpoint(ckpt, args.checkpoint, args.branch).to(info.device)
     if args.images:

@@ -15,16 +15,15 @@ A light student (thin FPN, no head towers), distilled through 1x1 adapters, init
 """
 import os
 
-import torch
-
-from msad import runner
-from msad.cli import model_config, resolve, run_script, training_parser
+from msad import engine, runner
+from msad.checkpoint import load_checkpoint
+from msad.cli import model_config, resolve, run_script, show_preset_values, training_parser
 from msad.diagnostics import StudentProbe, probe_iterations
-from msad.distill import DISTANCES, NORMALIZE, FeatureDistillation, build_adapters
-from msad.engine import LOG, load_checkpoint
-from msad.models import DistilledStudent, ModelConfig, build_model, init_backbone, load_partial
+from msad.distill import DISTANCES, KD_WEIGHT, NORMALIZE, FeatureDistillation, build_adapters
+from msad.engine import LOG
+from msad.models import DistilledStudent, build_model, init_backbone, load_partial, load_teacher
 
-ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "lr_mode")
+ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "low_res_mode")
 SHAPE_KEYS = ("backbone", "width", "fpn_channels", "head_convs")  # what --init teacher needs to be the teacher's
 
 
@@ -32,14 +31,15 @@ def parse_args(argv=None):
     p = training_parser(__doc__, default_output="runs/student")
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default="runs/teacher/model_final.pth", help="teacher checkpoint (kind teacher)")
-    g.add_argument("--kd-weight", type=float, default=0.2 * 3, help="alpha * T (0.2 x 3); 0 trains without KD")
+    g.add_argument("--kd-weight", type=float, default=KD_WEIGHT,
+                   help="alpha * T (0.2 x 3, released); 0 trains without KD")
     g.add_argument("--kd-warmup", type=int, help="iterations of the linear KD warm-up (the preset's; 500 on COCO)")
     g.add_argument("--kd-loss", choices=sorted(DISTANCES), default="l1", help="feature distance")
     g.add_argument("--kd-norm", choices=NORMALIZE, default="none",
                    help="none (released): mean |S-F| per level; level: divided by mean |F| of that level")
     g.add_argument("--init", choices=("teacher", "imagenet", "scratch"), default="teacher",
                    help="student initialisation: teacher backbone+FPN+head (released code), ImageNet, or random")
-    return p.parse_args(argv)
+    return show_preset_values(p, "student").parse_args(argv)
 
 
 def check_init(args, teacher_args: dict) -> None:
@@ -51,53 +51,56 @@ def check_init(args, teacher_args: dict) -> None:
                          f"{', '.join(differ)}; use --init imagenet or --init scratch for this student")
 
 
-def load_teacher(ckpt: dict, device) -> torch.nn.Module:
-    """The frozen teacher: eval mode, no gradients, outside DDP and outside the student checkpoint."""
-    teacher = build_model("teacher", ModelConfig.from_dict(ckpt["args"]))
-    teacher.load_state_dict(ckpt["model"])
-    teacher.requires_grad_(False)
-    return teacher.to(device).eval()
-
-
 def main(argv=None):
     args = parse_args(argv)
-    ckpt = None
+    teacher_args = None  # the teacher is needed to start from it (--init teacher) and to distil from it
     if args.init == "teacher" or args.kd_weight > 0:
-        ckpt = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")
+        teacher_args = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")["args"]
         for key in ARCH_KEYS:  # the student's architecture defaults to the teacher's
-            if getattr(args, key) is None and key in ckpt["args"]:
-                setattr(args, key, ckpt["args"][key])
-        check_init(args, ckpt["args"])
+            if getattr(args, key) is None and key in teacher_args:
+                setattr(args, key, teacher_args[key])
+        check_init(args, teacher_args)
     args = resolve(args, "student")
-    info = runner.start(args)
+    info = runner.start(args)  # output folder, process group, seeds, data checks: everything that can fail early
+
+    # data
     train_set = runner.train_dataset(args)
-    student = build_model("student", model_config(args, train_set.num_classes))
+
+    # model: the LR student (FCOS on P2-P6 of the half-size image), initialised from the teacher or ImageNet
+    student = build_model("student", model_config(args))
     teacher = None
-    if ckpt is not None:
-        if ckpt["args"]["num_classes"] != train_set.num_classes:
-            raise SystemExit(f"error: {args.teacher} was trained on {ckpt['args']['num_classes']} classes, "
+    if teacher_args is not None:
+        if teacher_args["num_classes"] != train_set.num_classes:
+            raise SystemExit(f"error: {args.teacher} was trained on {teacher_args['num_classes']} classes, "
                              f"the training data has {train_set.num_classes}")
-        teacher = load_teacher(ckpt, info.device)
+        teacher, _ = load_teacher(args.teacher, info.device)  # frozen, eval mode, outside DDP
         if args.init == "teacher":
-            load_partial(student, ckpt["model"], args.teacher)
+            load_partial(student, teacher.state_dict(), args.teacher)
     if args.init == "imagenet":
         init_backbone(student, args.backbone_weights)
     student = runner.prepare_model(student, args, info)
+
+    # distillation: the wrapper owns the frozen teacher (not as a submodule) and, for a thinner student, the
+    # 1x1 adapters (trained with the student, saved in checkpoint.pth under "aux", not in the student)
     kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss, args.kd_norm)
-    # A student thinner than the teacher distils through 1x1 adapters (trained, kept out of the student).
-    adapters = build_adapters(args.fpn_channels, ckpt["args"]["fpn_channels"]) if args.kd_weight > 0 else None
+    adapters = build_adapters(args.fpn_channels, teacher_args["fpn_channels"]) if args.kd_weight > 0 else None
     adapters = adapters.to(info.device) if adapters is not None else None
     probe = StudentProbe(probe_iterations(args.iters), os.path.join(args.output_dir, LOG))
-    trainable = runner.ddp(DistilledStudent(student, kd, adapters, probe), info)
+    distilled = DistilledStudent(student, kd, teacher if args.kd_weight > 0 else None, adapters, probe)
+    model_ddp = runner.ddp(distilled, info)
 
-    def step(batch, iteration):
-        teacher_feats = teacher.distillation_targets(batch) if args.kd_weight > 0 else None  # no_grad inside
-        return trainable(batch, teacher_feats, iteration)
+    # optimizer and lr schedule: the student's and the adapters' parameters
+    optimizer, scheduler = runner.optimizer_and_schedule(distilled, args)
 
-    result = runner.fit(args, info, "student", student, step, train_set,
-                        aux={"adapters": adapters} if adapters is not None else None)
+    # the loop: every step is model_ddp(batch, iteration) -> dict of losses (FCOS + L_KD); checkpoints the student
+    result = engine.train(model_ddp, student, optimizer, scheduler, runner.train_batches(args, info, train_set),
+                          runner.train_config(args, info, "student"),
+                          aux={"adapters": adapters} if adapters is not None else None)
+
+    # evaluation of the final student at low resolution and the metrics line
+    metrics = runner.final_evaluation(args, info, student, result)
     diagnostics = {"diagnostics": probe.summary()} if probe.records else {}
-    return runner.finish(args, info, student, result, {"kind": "student", "kd_weight": args.kd_weight, **diagnostics})
+    return runner.finish(args, info, result, metrics | {"kind": "student", "kd_weight": args.kd_weight, **diagnostics})
 
 
 if __name__ == "__main__":

@@ -33,36 +33,24 @@ evaluate.py exactly as a user runs them, one at a time (--parallel N for a GPU m
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
 import time
 
+from reproduce_table import KEEP, LABELS, Table, markdown
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = ("AP", "AP50", "APs", "APm", "APl")
-KEEP = METRICS + ("params_m", "gflops", "cff_weights", "diagnostics")
-LABELS = {
-    "fcos_hr": "FCOS, HR train / HR test",
-    "fcos_lr": "FCOS, LR train / LR test (naive low-res)",
-    "fcos_ms": "FCOS, multi-scale train / LR test",
-    "shift_scratch": "student arch. (P2-P6 on the half image), scratch, no teacher",
-    "kd_scratch": "same + distillation (scratch)",
-    "teacher_lr": "MSAD teacher, LR branch",
-    "teacher_fused": "MSAD teacher, fused (HR + LR)",
-    "student": "MSAD student: teacher init + distillation",
-    "student_nokd": "same, --kd-weight 0",
-    "fcos_lr_2x": "naive LR FCOS, teacher + student budgets",
-    "light_student": "light student (FPN {F}, {H} head conv(s)), scratch + distillation",
-    "light_student_nokd": "same, --kd-weight 0",
-}
 SHORT_BUDGET_ROWS = ("teacher", "teacher_lr", "teacher_fused", "kd_scratch", "student", "student_nokd")
-GAINS = {"distillation, from scratch": ("kd_scratch", "shift_scratch"),
-         "distillation, teacher init": ("student", "student_nokd"),
-         "pyramid shift": ("shift_scratch", "fcos_lr"),
-         "student vs equal-compute naive LR": ("student", "fcos_lr_2x"),
-         "distillation, light student": ("light_student", "light_student_nokd"),
-         "light student vs naive LR": ("light_student", "fcos_lr")}
+
+
+def add_run_args(p: argparse.ArgumentParser, runs: str, out: str) -> None:
+    """The flags of every benchmark that trains through the scripts (this one and tune_distillation.py)."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (1 on CPU: torch processes slow each other)")
+    p.add_argument("--extra", default="", help="flags added to every training run (e.g. a tiny model for a test)")
+    p.add_argument("--runs", default=runs, help="run folders and their logs")
+    p.add_argument("--out", default=out, help="results file")
 
 
 def steps(iters: int) -> str:
@@ -115,81 +103,6 @@ def plan(args, seed: int) -> list:
     jobs = [j for j in jobs if not args.rows or j[1] in args.rows or (j[1] == "teacher" and any(
         dep == "teacher" and row in args.rows for _, row, dep, _ in jobs))]
     return jobs
-
-
-class Table:
-    """The results file: {"meta", "runs": {"table/row/seed": final metrics}}; rewritten after every run."""
-
-    def __init__(self, args):
-        self.args, self.lock, self.failed = args, threading.Lock(), []
-        self.runs = {}
-        if args.resume_table and os.path.exists(args.out + ".json"):
-            with open(args.out + ".json") as f:
-                self.runs = json.load(f).get("runs", {})
-
-    def put(self, key: str, metrics: dict):
-        with self.lock:
-            self.runs[key] = metrics
-            self.write()
-
-    def rows(self, table: int) -> dict:
-        """row -> {"seeds": {seed: metrics}, "mean": {...}, "std": {...}} for one teacher budget."""
-        out = {}
-        for key, m in self.runs.items():
-            t, row, seed = key.split("/")
-            if t in ("shared", str(table)) and row != "teacher":
-                out.setdefault(row, {"seeds": {}})["seeds"][seed] = m
-        for row in out.values():
-            aps = {k: [m[k] for m in row["seeds"].values()] for k in METRICS}
-            row["mean"] = {k: round(statistics.mean(v), 2) for k, v in aps.items()}
-            row["std"] = {k: round(statistics.stdev(v), 2) if len(v) > 1 else 0.0 for k, v in aps.items()}
-        return dict(sorted(out.items(), key=lambda kv: list(LABELS).index(kv[0])))
-
-    def gains(self, rows: dict) -> dict:
-        """Paired differences (same seed) of AP: mean, std over seeds, and the seeds used."""
-        out = {}
-        for name, (a, b) in GAINS.items():
-            if a in rows and b in rows:
-                seeds = sorted(set(rows[a]["seeds"]) & set(rows[b]["seeds"]))
-                d = [rows[a]["seeds"][s]["AP"] - rows[b]["seeds"][s]["AP"] for s in seeds]
-                if d:
-                    out[name] = {"rows": f"{a} - {b}", "mean": round(statistics.mean(d), 2),
-                                 "std": round(statistics.stdev(d), 2) if len(d) > 1 else 0.0, "seeds": len(d)}
-        return out
-
-    def write(self):
-        a = self.args
-        tables = {str(t): {"rows": (rows := self.rows(t)), "gains": self.gains(rows)} for t in a.teacher_iters}
-        meta = {"iters": a.iters, "teacher_iters": a.teacher_iters, "hr_sizes": a.hr_sizes, "seeds": a.seeds,
-                "device": a.device, "extra": a.extra, "wall_s": round(time.time() - a.t0)}
-        os.makedirs(os.path.dirname(a.out), exist_ok=True)
-        for path, text in ((a.out + ".json", json.dumps({"meta": meta, "tables": tables, "runs": self.runs}, indent=1)),
-                           (a.out + ".md", markdown(tables, a) + "\n\n" + json.dumps(meta))):
-            with open(path + ".tmp", "w") as f:
-                f.write(text + "\n")
-            os.replace(path + ".tmp", path)
-
-
-def markdown(tables: dict, args) -> str:
-    lines = []
-    for t, table in tables.items():
-        lines += [f"Teacher budget {t} iterations, other runs {args.iters}; AP mean ± std over seeds "
-                  f"{','.join(map(str, args.seeds))}.", "",
-                  "| row | model | AP | AP50 | APs | APm | APl | AP per seed |", "|---|---|---|---|---|---|---|---|"]
-        for row, r in table["rows"].items():
-            label = LABELS[row].format(F=args.light_fpn_channels, H=args.light_head_convs)
-            cells = [f"{r['mean'][m]:.1f} ± {r['std'][m]:.1f}" if m == "AP" else f"{r['mean'][m]:.1f}" for m in METRICS]
-            per_seed = " / ".join(f"{r['seeds'][s]['AP']:.1f}" for s in sorted(r["seeds"]))
-            lines.append(f"| `{row}` | {label} | " + " | ".join(cells) + f" | {per_seed} |")
-        lines += [""] + [f"* {name} (`{g['rows']}`): {g['mean']:+.1f} ± {g['std']:.1f} AP over {g['seeds']} seeds"
-                         for name, g in table["gains"].items()]
-        cff = [r["cff_weights"]["a_H"] for r in table["rows"].get("teacher_fused", {}).get("seeds", {}).values()
-               if "cff_weights" in r]
-        if cff:
-            lines.append("* C-FF a_H per level position (P3/P2 ... P7/P6), mean over seeds: "
-                         + ", ".join(f"{sum(v) / len(v):.2f}" for v in zip(*cff)))
-        lines.append("")
-    return "\n".join(lines)
 
 
 def run_job(args, table: Table, key: str, steps_: list, log: str) -> bool:
@@ -262,13 +175,9 @@ def main(argv=None):
     p.add_argument("--light-fpn-channels", type=int, default=16, help="FPN width F of the light student rows")
     p.add_argument("--light-head-convs", type=int, default=1, help="convs per head tower of the light student rows")
     p.add_argument("--rows", help="only these rows (comma-separated json keys); default all")
-    p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, help="data loader workers (default: the preset's)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at once (1 on CPU: torch processes slow each other)")
-    p.add_argument("--extra", default="", help="flags added to every training run (e.g. a tiny model for a test)")
     p.add_argument("--resume-table", action="store_true", help="keep the rows already in --out.json, run the rest")
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "reproduce"))
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "reproduce"))
+    add_run_args(p, os.path.join(ROOT, "runs", "reproduce"), os.path.join(ROOT, "benchmarks", "results", "reproduce"))
     args = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",")]
     args.seeds, args.teacher_iters, args.hr_sizes = ints(args.seeds), ints(args.teacher_iters), ints(args.hr_sizes)

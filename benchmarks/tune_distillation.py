@@ -19,7 +19,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reproduce import ROOT, steps  # noqa: E402  (the lr steps scaled to a budget, as in the table)
+from reproduce import ROOT, add_run_args, steps  # noqa: E402  (the lr steps scaled to a budget, as in the table)
 
 # name -> train_student.py flags; "w" weight, "wu" warm-up, l1/l2 distance, "lv" per-level normalisation
 KD = {
@@ -140,12 +140,8 @@ def main(argv=None):
     p.add_argument("--kd", default=",".join(KD), help=f"distillation settings among {list(KD)}")
     p.add_argument("--init", default="teacher,scratch")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--parallel", type=int, default=1, help="runs at once")
     p.add_argument("--deadline-s", type=float, default=1e9, help="start no run after this many seconds")
-    p.add_argument("--extra", default="", help="flags added to every training run (e.g. a tiny model for a test)")
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "tune"))
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "tune", "sweep.json"))
+    add_run_args(p, os.path.join(ROOT, "runs", "tune"), os.path.join(ROOT, "runs", "tune", "sweep.json"))
     args = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",")]
     args.teacher_iters, args.cff_hidden, args.seeds = ints(args.teacher_iters), ints(args.cff_hidden), ints(args.seeds)

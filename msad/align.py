@@ -46,7 +46,7 @@ def make_low_res(images: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
         return images[..., ::2, ::2]  # exactly F.interpolate(scale_factor=0.5, mode="nearest"), without a kernel
     if mode == "antialias":
         return F.interpolate(images, size=(H // 2, W // 2), mode="bilinear", align_corners=False, antialias=True)
-    raise ValueError(f"--lr-mode must be one of {LR_MODES}, got {mode!r}")
+    raise ValueError(f"--low-res-mode must be one of {LR_MODES}, got {mode!r}")
 
 
 def check_aligned(hr_feats, lr_feats) -> None:

@@ -14,27 +14,31 @@ import sys
 import numpy as np
 import torch
 
-from .engine import DiskFullError
+from .align import LR_MODES
+from .checkpoint import DiskFullError
+from .engine import AMP_DTYPES
+from .distill import KD_WARMUP
 from .models import ModelConfig
 
-COCO_SIZES = tuple(range(640, 801, 32))  # method.md Sec. 3: short side drawn from {640, 672, ..., 800}
+COCO_SIZES = tuple(range(640, 801, 32))  # MSAD Sec. 3.2 / released code: short side drawn from {640, 672, ..., 800}
 PRESETS = {
-    # The paper's COCO recipe (method.md Sec. 6): R50, frozen BN, FPN 256, 4-conv GN towers.
+    # The paper's COCO recipe (MSAD Sec. 4 and the released code): R50, frozen BN, FPN 256, 4-conv GN towers.
     "coco": {
         "common": dict(data_root="data/coco", backbone="resnet50", width=1.0, norm="frozen_bn", freeze_at=2,
                        fpn_channels=256, head_convs=4, train_sizes=COCO_SIZES, max_size=1333, test_size=800,
-                       backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5", lr_mode="nearest", checkpoint_period=5000,
+                       backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5",
+                       low_res_mode="nearest", checkpoint_period=5000,
                        eval_batch_size=8, workers=4, cff_hidden=0),
         # Released MSAD teachers: batch 8, lr 0.01, 180k iterations, steps at 120k and 160k.
         "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
         # Students (and the 1x FCOS baselines): batch 16, lr 0.01, 90k iterations, steps at 60k and 80k.
-        "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000), kd_warmup=500),
+        "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000), kd_warmup=KD_WARMUP),
     },
     # The built-in demo: a narrow ResNet-18 with GroupNorm trained from scratch on data/synthetic, on CPU.
     "demo": {
         "common": dict(data_root="data/synthetic", backbone="resnet18", width=0.25, norm="gn", freeze_at=0,
                        fpn_channels=32, head_convs=2, train_sizes=(224, 240, 256), max_size=400, test_size=256,
-                       backbone_weights=None, warmup_iters=100, p6_from="c5", lr_mode="nearest",
+                       backbone_weights=None, warmup_iters=100, p6_from="c5", low_res_mode="nearest",
                        checkpoint_period=100, eval_batch_size=16, workers=1, cff_hidden=16),
         "teacher": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370)),
         "student": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370), kd_warmup=100),
@@ -73,8 +77,9 @@ def add_model_args(p: argparse.ArgumentParser):
                    "than its teacher: it then distils through 1x1 adapters)")
     g.add_argument("--head-convs", type=int, help="convs per head tower (4 on COCO; 0: the predictions read the FPN)")
     g.add_argument("--p6-from", choices=("c5", "p5"), help="P6 source: c5 (released MSAD, default) or p5 (FCOS)")
-    g.add_argument("--lr-mode", choices=("nearest", "antialias"),
+    g.add_argument("--low-res-mode", choices=LR_MODES,
                    help="how the half-size image is made from the padded HR batch (default nearest, as released)")
+    g.add_argument("--lr-mode", dest="low_res_mode", choices=LR_MODES, help=argparse.SUPPRESS)  # its old name
 
 
 def add_train_args(p: argparse.ArgumentParser, default_output: str):
@@ -90,8 +95,8 @@ def add_train_args(p: argparse.ArgumentParser, default_output: str):
     g = p.add_argument_group("runtime")
     g.add_argument("--output-dir", default=default_output, help="checkpoints, log.jsonl, metrics.json")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision on CUDA")
-    g.add_argument("--compile", action="store_true", help="torch.compile the backbone and FPN")
+    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="mixed precision on CUDA")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone (the FPN and head stay eager)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
     g.add_argument("--overwrite", action="store_true",
                    help="train from scratch into an OUTPUT_DIR that holds a run, replacing its model and log")
@@ -110,10 +115,24 @@ def training_parser(doc: str, default_output: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace, stage: str) -> argparse.Namespace:
-    """Fill every unset flag from the preset, then check the values that must hold before any work starts."""
+def show_preset_values(p: argparse.ArgumentParser, stage: str | None) -> argparse.ArgumentParser:
+    """Append each preset's value to the --help of every flag that a preset fills (call after adding all flags)."""
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    for action in p._actions:
+        values = {name: {**preset["common"], **(preset[_PRESET_STAGE[stage]] if stage else {})}
+                  for name, preset in sorted(PRESETS.items())}
+        if action.help != argparse.SUPPRESS and any(action.dest in v for v in values.values()):
+            action.help = (f"{action.help or ''} [" + "; ".join(f"{name}: {shown(v[action.dest])}"
+                                                               for name, v in values.items() if action.dest in v) + "]")
+    return p
+
+
+def resolve(args: argparse.Namespace, stage: str | None) -> argparse.Namespace:
+    """Fill every unset flag from the preset (its common part, plus the training `stage`'s: teacher, student or
+    fcos; None for evaluation), then check the values that must hold before any work starts."""
     preset = PRESETS[args.preset]
-    for key, value in {**preset["common"], **preset[_PRESET_STAGE[stage]]}.items():
+    for key, value in {**preset["common"], **(preset[_PRESET_STAGE[stage]] if stage else {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if getattr(args, "backbone_weights", None) in ("none", ""):
@@ -175,9 +194,8 @@ def make_output_dir(path, flag: str) -> None:
         raise ValueError(f"{flag} {path}: folder is not writable")
 
 
-def model_config(args, num_classes: int) -> ModelConfig:
-    """The architecture from the flags; num_classes is recorded in args so checkpoints carry it."""
-    args.num_classes = num_classes
+def model_config(args) -> ModelConfig:
+    """The architecture from the resolved flags (and the training set's num_classes, see runner.train_dataset)."""
     return ModelConfig.from_dict(vars(args))
 
 

@@ -8,7 +8,6 @@
 Both are averaged over processes (all-reduce), so 1 and N processes report the same numbers.
 """
 import json
-from pathlib import Path
 
 import torch
 

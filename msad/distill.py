@@ -22,9 +22,11 @@ DISTANCES = {
     "l2": lambda s, t: F.mse_loss(s, t),
 }
 NORMALIZE = ("none", "level")
+KD_WEIGHT = 0.2 * 3  # alpha * T of the released code
+KD_WARMUP = 500  # iterations of the linear warm-up w(t), released code (the demo preset scales it)
 
 
-def warmup_factor(iteration: int, warmup_iters: int = 500) -> float:
+def warmup_factor(iteration: int, warmup_iters: int = KD_WARMUP) -> float:
     """w(t) = min(1, t / warmup_iters); 1 when there is no warm-up."""
     return 1.0 if warmup_iters <= 0 else min(1.0, iteration / warmup_iters)
 
@@ -32,7 +34,7 @@ def warmup_factor(iteration: int, warmup_iters: int = 500) -> float:
 class FeatureDistillation:
     """Holds no parameters: callable(student_feats, teacher_feats, iteration) -> dict of per-level terms."""
 
-    def __init__(self, weight: float = 0.2 * 3, warmup_iters: int = 500, distance: str = "l1",
+    def __init__(self, weight: float = KD_WEIGHT, warmup_iters: int = KD_WARMUP, distance: str = "l1",
                  normalize: str = "none"):
         if distance not in DISTANCES:
             raise ValueError(f"--kd-loss must be one of {sorted(DISTANCES)}, got {distance!r}")

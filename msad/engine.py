@@ -1,25 +1,20 @@
-"""Optimizer, LR schedule, the training loop shared by both stages, checkpoints and logging.
+"""Optimizer, LR schedule, the training loop shared by both stages, and logging.
 
 The teacher (stage 1, and the vanilla FCOS baselines) and the student (stage 2) differ only in the
-step they run; `train` is the one loop. The recipe is method.md Sec. 6 (SGD, momentum 0.9, weight decay
+step they run; `train` is the one loop. The recipe is the released code's (SGD, momentum 0.9, weight decay
 1e-4 with none on norm layers, linear warm-up then x0.1 steps).
 
 Robustness contract of `train`:
   * one small all-reduce per iteration carries every loss term plus a stop flag, so all ranks log the
     same global means, stop together on a non-finite loss (before the bad step touches the weights) and
     stop together on SIGTERM / SIGINT (checkpoint saved, return with the signal's name);
-  * checkpoints are written atomically (temp file, fsync, rename), so a kill at any moment leaves either
-    the previous checkpoint or the new one, never a torn file; non-finite weights are never saved;
+  * checkpoints are written atomically and never hold non-finite weights (msad/checkpoint.py);
   * the output folder is claimed first (msad/outdir.py): a finished or unfinished run is not replaced
     unless told to (resume / overwrite), the folder is test-written and locked against a second writer;
-  * everything saved loads with torch.load(weights_only=True): plain tensors and Python values only.
 """
-import errno
 import functools
 import json
 import math
-import os
-import random
 import signal
 import sys
 import threading
@@ -28,13 +23,13 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import dist
-from .outdir import CHECKPOINT, FINAL, claim_output_dir
+from . import checkpoint, dist
+from .checkpoint import CHECKPOINT
+from .outdir import FINAL, claim_output_dir
 
 KINDS = ("fcos", "teacher", "student")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,16 +44,12 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
 
 
-def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-                    weight_decay_norm: float = 0.0, weight_decay_bias: float | None = None) -> torch.optim.SGD:
-    """SGD with one param group per weight-decay value.
+def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4) -> torch.optim.SGD:
+    """SGD with two param groups: no weight decay on normalisation layers (weight and bias), `weight_decay`
+    on everything else (biases included), as released.
 
-    Parameters of normalisation layers get `weight_decay_norm` (their bias included: norm wins over bias),
-    other biases `weight_decay_bias` (default: `weight_decay`), everything else `weight_decay`.
     Frozen parameters (requires_grad False) are left out; a parameter shared by two modules appears once.
     """
-    if weight_decay_bias is None:
-        weight_decay_bias = weight_decay
     groups: dict[float, list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module in model.modules():
@@ -66,13 +57,7 @@ def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_d
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            if _is_norm(module):
-                wd = weight_decay_norm
-            elif name == "bias":
-                wd = weight_decay_bias
-            else:
-                wd = weight_decay
-            groups.setdefault(wd, []).append(p)
+            groups.setdefault(0.0 if _is_norm(module) else weight_decay, []).append(p)
     param_groups = [{"params": ps, "weight_decay": wd} for wd, ps in groups.items()]
     return torch.optim.SGD(param_groups, lr=lr, momentum=momentum)
 
@@ -146,116 +131,6 @@ class TrainConfig:
         _check_plain(self.args, "TrainConfig.args")
 
 
-# ----------------------------------------------------------------------------- atomic files and checkpoints
-
-class DiskFullError(OSError):
-    """No space left (or quota exceeded) while writing a file; reported in one line by cli.run_script."""
-
-
-def _is_disk_full(e: BaseException | None) -> bool:
-    """ENOSPC / EDQUOT, raised as is or wrapped (torch.save's writer may report it as a RuntimeError)."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _write_atomic(path, write) -> None:
-    """Write through `write(file)` to a hidden temp file beside `path`, fsync it, then rename over `path`.
-
-    os.replace is atomic on POSIX, so readers (and a resume after SIGKILL) see the old file or the
-    new one, never a partial one. On any error the temp file is removed and `path` is untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(e):
-            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-            raise DiskFullError(f"disk full (or quota exceeded) while writing {path}; {kept}; free space in "
-                                f"{path.parent} and rerun (with --resume to continue)") from None
-        raise
-    # Make the rename itself durable (a power loss right after could otherwise lose it).
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_atomic(obj, path) -> None:
-    """torch.save(obj, path), atomically."""
-    _write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def write_json_atomic(obj, path) -> None:
-    """json.dump(obj, path), atomically (metrics.json and friends)."""
-    _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def load_checkpoint(path, expected_kind: str | None = None, made_by: str | None = None) -> dict:
-    """Load a checkpoint safely (weights_only=True, on CPU).
-
-    Anything that is not a plain checkpoint dict (a pickle that would run code, a torn or garbage
-    file) raises a one-line ValueError naming the file; so does a `kind` other than `expected_kind`.
-    `made_by` names the command that writes a missing checkpoint (e.g. "python train_teacher.py").
-    """
-    path = Path(path)
-    if not path.is_file():
-        hint = f" yet: run {made_by} first (it writes {path.name} into its --output-dir)" if made_by else ""
-        raise FileNotFoundError(f"checkpoint {path} does not exist{hint}")
-    try:
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path} is not a valid checkpoint (refused by torch.load(weights_only=True): "
-                         f"{reason})") from None
-    missing = [k for k in ("kind", "model", "args") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing or not isinstance(ckpt["args"], dict):
-        raise ValueError(f"{path} is not a valid checkpoint (expected a dict with 'kind', 'model' and 'args' "
-                         f"fields{', missing ' + ', '.join(missing) if missing and isinstance(ckpt, dict) else ''})")
-    if expected_kind is not None and ckpt["kind"] != expected_kind:
-        raise ValueError(f"{path} holds a {ckpt['kind']!r} checkpoint, expected {expected_kind!r}")
-    return ckpt
-
-
-# ----------------------------------------------------------------------------- RNG state as plain values
-
-def _rng_state(device: torch.device) -> dict:
-    """This process's RNG states as tensors / lists / ints (weights_only-loadable).
-
-    "cuda" holds this process's own GPU only ([state] or None): asking every visible GPU, as
-    get_rng_state_all does, would make each rank touch all the node's GPUs.
-    """
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else None,
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
-        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
-    }
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"][0], device)
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-
-
 # ----------------------------------------------------------------------------- signals
 
 class _StopRequest:
@@ -292,112 +167,11 @@ class _StopRequest:
 
 
 # ----------------------------------------------------------------------------- the loop
-
-def _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn, aux) -> dict:
-    return {
-        "kind": cfg.kind,
-        "model": model.state_dict(),
-        "aux": {name: m.state_dict() for name, m in aux.items()},  # trained, but not part of the model
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "iteration": iteration,  # the next iteration to run
-        "args": cfg.args,
-        **(extra_state_fn() if extra_state_fn is not None else {}),
-    }
-
-
-def _check_finite_weights(model, iteration: int, cfg) -> None:
-    """Refuse to save NaN / inf weights (e.g. after a non-finite lr); every rank holds the same weights under
-    DDP, so all ranks raise together. One host sync: the flags of all tensors are stacked first."""
-    tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-    finite = torch.stack([v.isfinite().all() for v in tensors.values()]).cpu() if tensors else torch.ones(0)
-    if not finite.all():
-        name = list(tensors)[int((~finite).nonzero()[0])]
-        kept = Path(cfg.output_dir) / CHECKPOINT
-        raise FloatingPointError(f"non-finite weights after iteration {iteration} (first: {name}), not saved; "
-                                 f"{'the last checkpoint ' + str(kept) + ' is kept' if kept.exists() else 'no checkpoint was written'}")
-
-
-def _save_checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn, aux) -> None:
-    """Every rank contributes its RNG state (one gather); rank 0 writes; the others wait at a barrier."""
-    _check_finite_weights(model, iteration, cfg)
-    rng_per_rank = dist.all_gather_objects(_rng_state(cfg.device))
-    if dist.is_main_process():
-        ckpt = _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, extra_state_fn, aux)
-        # "rng" is rank 0's state; each rank restores its own from "rng_per_rank" on resume.
-        ckpt["rng"] = rng_per_rank[0]
-        ckpt["rng_per_rank"] = rng_per_rank
-        save_atomic(ckpt, Path(cfg.output_dir) / CHECKPOINT)
-    dist.barrier()
-
-
-def _save_final(model, iteration, cfg) -> None:
-    _check_finite_weights(model, iteration, cfg)
-    if dist.is_main_process():
-        final = {"kind": cfg.kind, "model": model.state_dict(), "args": cfg.args, "iteration": iteration}
-        save_atomic(final, Path(cfg.output_dir) / FINAL)
-    dist.barrier()
-
-
-def _resume(model, optimizer, scheduler, scaler, cfg, aux) -> int:
-    """Restore from OUTPUT_DIR/checkpoint.pth if cfg.resume and it exists; return the iteration to start at."""
-    path = Path(cfg.output_dir) / CHECKPOINT
-    main = dist.is_main_process()
-    if not cfg.resume:
-        return 0
-    if not path.is_file():
-        if main:
-            print(f"resume: no checkpoint at {path}, starting from scratch")
-        return 0
-    ckpt = load_checkpoint(path, expected_kind=cfg.kind)
-    differ = _differing_args(ckpt["args"], cfg.args)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:  # another architecture: name the arguments, not 100 lines of tensor shapes
-        raise ValueError(f"--resume: {path} was trained with other arguments ({', '.join(differ) or 'same args'}); "
-                         f"resume with the checkpoint's arguments, or use --overwrite or another --output-dir "
-                         f"to start a new run") from None
-    if differ and main:
-        # The optimizer's state_dict carries its hyper-parameters, so these two stay the checkpoint's.
-        kept = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("lr", "weight_decay")
-                if any(d.startswith(f"--{k.replace('_', '-')} ") for d in differ)]
-        print(f"warning: resume: arguments differ from the checkpoint's: {', '.join(differ)}; the new values "
-              f"are used{', except the restored optimizer keeps ' + ' and '.join(kept) if kept else ''}",
-              file=sys.stderr)
-    for name, module in aux.items():
-        if name not in ckpt.get("aux", {}):
-            raise ValueError(f"{path} has no {name!r} state to resume (saved by a run with other flags)")
-        module.load_state_dict(ckpt["aux"][name])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler") is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    rank, per_rank = dist.get_rank(), ckpt.get("rng_per_rank") or [ckpt["rng"]]
-    if rank < len(per_rank):  # a job resumed with more processes keeps the new ranks' own seeds
-        _set_rng_state(per_rank[rank], cfg.device)
-    if main:
-        print(f"resume: loaded {path}, continuing at iteration {ckpt['iteration']} of {cfg.iters}")
-    return int(ckpt["iteration"])
-
-
-# Arguments that may change between a run and its resume without any effect on what is computed.
-RESUME_FREE_ARGS = frozenset({"resume", "overwrite", "output_dir", "device", "workers", "log_period",
-                              "checkpoint_period", "no_eval", "eval_batch_size", "max_images", "compile", "iters",
-                              "batch_per_process"})  # derived: --batch-size over another number of processes
-
-
-def _differing_args(saved: dict, current: dict) -> list[str]:
-    """'--name new (checkpoint: old)' for each argument that differs, except RESUME_FREE_ARGS."""
-    keys = sorted((saved.keys() & current.keys()) - RESUME_FREE_ARGS)
-    return [f"--{k.replace('_', '-')} {current[k]} (checkpoint: {saved[k]})" for k in keys
-            if saved[k] != current[k] and not (isinstance(saved[k], (list, tuple)) and list(saved[k]) == list(current[k] or []))]
-
-
 class _Logger:
     """Rank 0's log.jsonl: one flushed JSON line per log period with timings averaged since the last line.
 
-    "iter" counts completed iterations (like checkpoint["iteration"]); "lr" is the one the last step used.
+    "iter" counts completed iterations (like checkpoint["iteration"]); "learning_rate" is the one the last step
+    used (the "lr_" prefix of loss terms means the low-resolution branch).
     """
 
     def __init__(self, cfg: TrainConfig, enabled: bool):
@@ -417,7 +191,7 @@ class _Logger:
         if not self.enabled:
             return
         mem = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
-        record = {"iter": iteration, "lr": lr, **terms, "loss": sum(terms.values()),
+        record = {"iter": iteration, "learning_rate": lr, **terms, "loss": sum(terms.values()),
                   "time": self.time / max(self.n, 1), "data_time": self.data_time / max(self.n, 1),
                   "max_mem_mb": mem}
         with open(self.path, "a") as f:
@@ -462,15 +236,14 @@ def _optimizer_step(total, optimizer, scaler, clip_grad) -> None:
     scaler.update()
 
 
-def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_iter_fn,
-          cfg: TrainConfig, extra_state_fn=None, aux: dict | None = None) -> dict:
-    """Run iterations [start, cfg.iters) of `step_fn`; the one training loop of both stages.
+def train(train_model, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_iter_fn,
+          cfg: TrainConfig, aux: dict | None = None) -> dict:
+    """Run iterations [start, cfg.iters) of `train_model`; the one training loop of both stages.
 
-    step_fn(batch, iteration) -> dict of named scalar losses (the DDP-wrapped forward happens inside);
-        the optimised loss is their sum.
-    model: the unwrapped trainable module (saved as checkpoint["model"]).
+    train_model(batch, iteration) -> dict of named scalar losses: the DDP-wrapped model (the teacher, or the
+        student's distillation wrapper); the optimised loss is the sum of the terms.
+    model: the unwrapped module that is saved as checkpoint["model"] (the teacher, or the student alone).
     data_iter_fn(start_iter) -> iterator of batches from that iteration on; each batch has .to(device).
-    extra_state_fn() -> dict merged into each checkpoint (called on rank 0 only; plain values).
     aux: name -> module trained with the model (its parameters in `optimizer`) but not part of it, e.g. the
         student's distillation adapters: saved in checkpoint.pth under "aux", restored on resume, left out
         of model_final.pth.
@@ -495,7 +268,7 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
     amp_dtype = AMP_DTYPES[cfg.amp]
     aux = aux or {}
-    start_iter = _resume(model, optimizer, scheduler, scaler, cfg, aux)
+    start_iter = checkpoint.resume(model, optimizer, scheduler, scaler, cfg, aux)
     logger = _Logger(cfg, enabled=main)
     if main and start_iter == 0:
         logger.path.unlink(missing_ok=True)  # a run killed before its first checkpoint leaves a stale log
@@ -518,7 +291,7 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
             t_data = time.perf_counter() - t0
 
             with torch.autocast(cfg.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = step_fn(batch, it)
+                losses = train_model(batch, it)
             terms, stop_now = _global_terms(losses, stop.requested, cfg.device)
             _check_finite(terms, it)  # before backward: the weights stay those of the last good step
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
@@ -534,7 +307,7 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
             if done % cfg.log_period == 0 or done == cfg.iters or stopped:
                 logger.write(done, lr, terms)
             if done % cfg.checkpoint_period == 0 or done == cfg.iters or stopped:
-                _save_checkpoint(model, optimizer, scheduler, scaler, done, cfg, extra_state_fn, aux)
+                checkpoint.save_checkpoint(model, optimizer, scheduler, scaler, done, cfg, aux)
             if stopped:
                 break
 
@@ -544,6 +317,6 @@ def train(step_fn, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
             print(f"stop requested ({signal_name}): saved {Path(cfg.output_dir) / CHECKPOINT} at iteration {done}",
                   file=sys.stderr)
     else:
-        _save_final(model, done, cfg)
+        checkpoint.save_final(model, done, cfg)
     return {"iterations": done, "start_iteration": start_iter, "final_loss": final_loss, "stopped": stopped,
             "signal": signal_name, "time_s": time.perf_counter() - t_start}

@@ -16,7 +16,8 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from . import dist
-from .data import _column, _int_ids
+from .coco import _column, _int_ids
+from .engine import AMP_DTYPES
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -55,7 +56,7 @@ def inference(model, loader, device, convert, amp: str = "none", progress: bool 
     """
     model.eval()
     results, image_ids = [], []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16) \
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) \
         if amp != "none" and device.type == "cuda" else contextlib.nullcontext()
     for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main_process()), dynamic_ncols=True):
         if batch is None:

@@ -12,6 +12,13 @@ from torchvision.ops import batched_nms
 
 from .backbone import gn_groups
 
+PRIOR_PROB = 0.01  # initial foreground probability of every class at every location (RetinaNet Sec. 4.1)
+
+
+def prior_bias(prior: float = PRIOR_PROB) -> float:
+    """The classification bias that makes sigmoid(logit) = `prior` at init: -log((1 - prior) / prior), -4.595."""
+    return -math.log((1 - prior) / prior)
+
 
 class Scale(nn.Module):
     """A learnable scalar multiplying the box regression of one level position (FCOS Sec. 3.3)."""
@@ -27,7 +34,7 @@ class Scale(nn.Module):
 def _tower(channels: int, num_convs: int) -> nn.Sequential:
     """num_convs x (conv, GN, ReLU); an empty Sequential (the identity) when num_convs is 0."""
     layers = []
-    for _ in range(num_convs):  # 3x3 conv with bias, GroupNorm, ReLU (method.md Sec. 6)
+    for _ in range(num_convs):  # 3x3 conv with bias, GroupNorm, ReLU (FCOS, as released)
         layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(gn_groups(channels), channels), nn.ReLU()]
     return nn.Sequential(*layers)
 
@@ -39,7 +46,8 @@ class FCOSHead(nn.Module):
     directly, the cheapest head (a light student's).
     """
 
-    def __init__(self, channels: int, num_classes: int, num_convs: int = 4, num_levels: int = 5, prior: float = 0.01):
+    def __init__(self, channels: int, num_classes: int, num_convs: int = 4, num_levels: int = 5,
+                 prior: float = PRIOR_PROB):
         super().__init__()
         if num_convs < 0 or channels < 1:
             raise ValueError(f"--head-convs must be >= 0 and --fpn-channels >= 1, got {num_convs} and {channels}")
@@ -54,7 +62,7 @@ class FCOSHead(nn.Module):
             if isinstance(m, nn.Conv2d):  # N(0, 0.01) weights, zero bias
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior) / prior))  # focal-loss prior (RetinaNet Sec. 4.1)
+        nn.init.constant_(self.cls_logits.bias, prior_bias(prior))
 
     def forward(self, feats):
         """feats: list over level positions of B x C x h_i x w_i.
@@ -96,7 +104,7 @@ def level_slices(shapes):
 @torch.no_grad()
 def decode(cls, box, ctr, points, strides, shapes, image_sizes, orig_sizes,
            score_thresh=0.05, pre_nms_top_n=1000, nms_thresh=0.6, max_dets=100):
-    """FCOS inference (method.md Sec. 6), batched over images and vectorised over locations.
+    """FCOS inference (FCOS Sec. 3, released thresholds), batched over images and vectorised over locations.
 
     Per level: keep sigmoid(cls) > score_thresh, top `pre_nms_top_n` by cls * ctr; score = sqrt(cls * ctr);
     clip to the resized image and drop the boxes that clipping leaves with zero width or height (from

@@ -1,4 +1,4 @@
-"""FCOS target assignment and losses (FCOS Sec. 3.1-3.3, AdelaiDet's improved variant; method.md Sec. 6).
+"""FCOS target assignment and losses (FCOS Sec. 3.1-3.3, the released code's improved variant).
 
 Assignment runs on the whole batch at once: ground truth is padded to B x M boxes and every test is a
 tensor operation over (image, box, candidate location), so there is no Python loop over images, boxes or
@@ -52,32 +52,56 @@ def pad_boxes(boxes_list, labels_list, device):
     return boxes, labels, labels >= 0
 
 
-def grid_shapes(points, strides):
-    """(h, w) of every level of a `make_points` grid (levels are runs of one stride, rows runs of one y).
-
-    Reads values back to the host; callers that know the shapes pass them to `assign_targets` instead."""
-    shapes, start = [], 0
-    for n in torch.unique_consecutive(strides, return_counts=True)[1].tolist():
-        ys = points[start:start + n, 1]
-        w = int((ys == ys[0]).sum())
-        shapes.append((n // w, w))
-        start += n
-    return shapes
+def _targets(points, strides, boxes, labels, pos, gt) -> Targets:
+    """Targets from each location's winning box `gt` (B x L, any value where not `pos`)."""
+    gt = torch.where(pos, gt, 0)
+    target_labels = torch.where(pos, labels.gather(1, gt), -1)
+    gt_boxes = boxes.gather(1, gt[..., None].expand(-1, -1, 4))  # B x L x 4
+    px, py = points[None, :, 0], points[None, :, 1]  # 1 x L
+    target_ltrb = torch.stack([px - gt_boxes[..., 0], py - gt_boxes[..., 1], gt_boxes[..., 2] - px,
+                               gt_boxes[..., 3] - py], dim=-1) / strides[None, :, None]  # B x L x 4
+    return Targets(target_labels, target_ltrb, pos)
 
 
 @torch.no_grad()
-def assign_targets(points, strides, ranges, boxes_list, labels_list, center_radius=1.5, shapes=None) -> Targets:
-    """FCOS assignment with centre sampling.
+def assign_targets_dense(points, strides, ranges, boxes_list, labels_list, center_radius=1.5) -> Targets:
+    """FCOS assignment with centre sampling (FCOS Sec. 3.1-3.2, the released code's improved variant): the
+    definition, testing every (image, box, location) triple.
 
-    points [L, 2], strides [L], ranges [L, 2] in one coordinate frame; boxes in the same frame; points laid
-    out as `make_points` does, on levels of `shapes` (derived from the points when not given).
+    points [L, 2], strides [L], ranges [L, 2] in one coordinate frame; boxes in the same frame.
     A location is positive for a box if it lies strictly inside the box's centre region (a square of
     half-side radius*stride around the box centre, clipped to the box) and max(l, t, r, b) is within its
     level's range (both ends inclusive). Ties go to the box of smallest area, then to the lower box index.
+    Its B x M x L tensors are too big for training (L ~ 20k at 800 px); `assign_targets` computes the same.
+    """
+    boxes, labels, valid = pad_boxes(boxes_list, labels_list, points.device)  # B x M x 4
+    M = labels.shape[1]
+    x, y = points[:, 0], points[:, 1]  # L
+    x0, y0, x1, y1 = (boxes[..., k, None] for k in range(4))  # B x M x 1
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    radius = strides * center_radius  # L
+    in_center = ((x > torch.maximum(cx - radius, x0)) & (x < torch.minimum(cx + radius, x1))
+                 & (y > torch.maximum(cy - radius, y0)) & (y < torch.minimum(cy + radius, y1)))  # B x M x L
+    max_reg = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=-1).max(-1).values  # B x M x L
+    in_range = (max_reg >= ranges[:, 0]) & (max_reg <= ranges[:, 1])
+    area = torch.where(in_center & in_range & valid[..., None], (x1 - x0) * (y1 - y0), INF)  # B x M x L
+    min_area = area.min(1).values  # B x L
+    box_index = torch.arange(M, device=points.device)[None, :, None]  # 1 x M x 1
+    gt = torch.where(area == min_area[:, None], box_index, M).amin(1)  # B x L: the lowest index of the smallest
+    return _targets(points, strides, boxes, labels, min_area < INF, gt)
+
+
+@torch.no_grad()
+def assign_targets(points, strides, ranges, boxes_list, labels_list, center_radius=1.5, *, shapes) -> Targets:
+    """`assign_targets_dense`, computed only where it can be positive: the same Targets, bit for bit.
+
+    Points laid out as `make_points` does, on levels of `shapes` ((h, w) per level). Only the n x n cells
+    around each box centre on each level can pass centre sampling, so the same tests run on B x M x C
+    candidates (C = levels * n * n, 180 at radius 1.5) instead of B x M x L pairs, and a scatter-min over
+    locations picks the smallest box as the dense form's min over boxes does.
     """
     boxes, labels, valid = pad_boxes(boxes_list, labels_list, points.device)  # B x M x 4
     (B, M), L, device = labels.shape, points.shape[0], points.device
-    shapes = grid_shapes(points, strides) if shapes is None else shapes
     # Candidates: a location within radius*s of the centre is at most ceil(radius) cells away from the cell
     # holding the centre (one more on the far side), on every level; one spare cell per side absorbs rounding.
     # Level layout built on the host and copied without waiting for the GPU (torch.tensor(..., device=cuda) syncs).
@@ -93,7 +117,7 @@ def assign_targets(points, strides, ranges, boxes_list, labels_list, center_radi
     h, w = hw[:, 0, None, None], hw[:, 1, None, None]  # V x 1 x 1
     on_grid = ((j >= 0) & (j < w) & (i >= 0) & (i < h)).flatten(2)  # B x M x C, C = V * n * n
     idx = torch.where(on_grid, (first[:, None, None] + i * w + j).flatten(2), 0)  # B x M x C flat location index
-    # The tests of the dense form, on (image, box, candidate) triples: same arithmetic, same values.
+    # The tests of assign_targets_dense, on (image, box, candidate) triples: same arithmetic, same values.
     x, y = points[idx, 0], points[idx, 1]  # B x M x C
     x0, y0, x1, y1 = (boxes[..., k, None] for k in range(4))  # B x M x 1
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -110,14 +134,7 @@ def assign_targets(points, strides, ranges, boxes_list, labels_list, center_radi
     box_index = torch.arange(M, device=device)[None, :, None].expand_as(ok).flatten(1)
     winner = torch.where(area == min_area.gather(1, idx), box_index, M)
     gt = torch.full((B, L), M, device=device).scatter_reduce_(1, idx, winner, "amin")  # B x L
-    pos = min_area < INF
-    gt = torch.where(pos, gt, 0)
-    target_labels = torch.where(pos, labels.gather(1, gt), -1)
-    gt_boxes = boxes.gather(1, gt[..., None].expand(-1, -1, 4))  # B x L x 4
-    px, py = points[None, :, 0], points[None, :, 1]  # 1 x L
-    target_ltrb = torch.stack([px - gt_boxes[..., 0], py - gt_boxes[..., 1], gt_boxes[..., 2] - px,
-                               gt_boxes[..., 3] - py], dim=-1) / strides[None, :, None]  # B x L x 4
-    return Targets(target_labels, target_ltrb, pos)
+    return _targets(points, strides, boxes, labels, min_area < INF, gt)
 
 
 def focal_loss_sum(logits, pos_logits, alpha=0.25, gamma=2.0, pos_mask=None):
@@ -136,11 +153,6 @@ def focal_loss_sum(logits, pos_logits, alpha=0.25, gamma=2.0, pos_mask=None):
     if pos_mask is not None:
         swap = torch.where(pos_mask, swap, 0.0)
     return (1 - alpha) * neg(logits).sum() + swap.sum()
-
-
-def sigmoid_focal_loss(logits, onehot, alpha=0.25, gamma=2.0):
-    """Focal loss (RetinaNet Eq. 5) summed over all elements, for a dense 0/1 target."""
-    return focal_loss_sum(logits, logits[onehot > 0], alpha, gamma)
 
 
 def giou_loss_ltrb(pred, target, weight):

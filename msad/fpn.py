@@ -10,7 +10,7 @@ from torch import nn
 class FPN(nn.Module):
     """Laterals on C2..C5 (only those the levels need), top-down sum, 3x3 outputs, P6/P7 by stride-2 convs.
 
-    `p6_from="c5"` follows the released MSAD code; `"p5"` follows FCOS/torchvision. No norm (method.md Sec. 6).
+    `p6_from="c5"` follows the released MSAD code; `"p5"` follows FCOS/torchvision. No norm (FPN, as released).
     """
 
     def __init__(self, in_channels, out_channels=256, levels=range(3, 8), p6_from="c5"):

@@ -11,12 +11,14 @@ from torch import nn
 
 from . import align
 from .backbone import ResNetTrunk, load_imagenet_weights
-from .data import normalize
+from .checkpoint import load_checkpoint
+from .imagenet import normalize
 from .fcos_head import FCOSHead, decode, make_points
 from .fcos_loss import assign_targets, fcos_losses, level_ranges
 from .fpn import FPN
 from .fusion import CrossFeatureFusion
 
+FUSED_WEIGHT = 0.4  # weight of the fused branch in L_T = L_HR + L_LR + 0.4 L_fused (released code)
 BRANCHES = {"fcos": ("hr",), "student": ("lr",), "teacher": ("fused", "hr", "lr")}
 
 
@@ -31,10 +33,10 @@ class ModelConfig:
     head_convs: int = 4
     num_classes: int = 80
     p6_from: str = "c5"
-    lr_mode: str = "nearest"
+    low_res_mode: str = "nearest"
     fusion: bool = True
     cff_hidden: int = 0  # C-FF gate hidden width; 0 = fpn_channels / 8 (released)
-    fused_weight: float = 0.4
+    fused_weight: float = FUSED_WEIGHT
     score_thresh: float = 0.05
     pre_nms_top_n: int = 1000
     nms_thresh: float = 0.6
@@ -71,7 +73,7 @@ class FCOS(nn.Module):
         return self.fpn(self.backbone(x), levels)
 
     def low_res(self, x: torch.Tensor) -> torch.Tensor:
-        return align.make_low_res(x, self.cfg.lr_mode)
+        return align.make_low_res(x, self.cfg.low_res_mode)
 
     def branch_features(self, x: torch.Tensor) -> list:
         """This detector's pyramid on a normalised HR batch (halved first when input_scale is 0.5)."""
@@ -95,8 +97,9 @@ class FCOS(nn.Module):
                       c.score_thresh, c.pre_nms_top_n, c.nms_thresh, c.max_dets)
 
     # -- the single-pyramid detector ---------------------------------------------------------------
-    def forward(self, batch, return_features: bool = False):
-        """Training: dict of losses (and the pyramid if asked, for distillation). Eval: detections per image."""
+    def forward(self, batch, iteration: int = 0, return_features: bool = False):
+        """Training: dict of losses (and the pyramid if asked, for distillation). Eval: detections per image.
+        Every training model is called as model(batch, iteration); only the student's distillation uses it."""
         feats = self.branch_features(normalize(batch.images))
         geometry = self.geometry(feats)
         head_out = self.head(feats)
@@ -129,7 +132,7 @@ class MultiScaleTeacher(FCOS):
         hr, _, fused = self.pyramids(normalize(batch.images))
         return fused if fused is not None else hr
 
-    def forward(self, batch):
+    def forward(self, batch, iteration: int = 0):
         x = normalize(batch.images)
         if not self.training and self.branch != "fused":  # one branch alone: run only that pyramid
             feats = self.pyramid(self.low_res(x), align.branch_levels(0.5)) if self.branch == "lr" \
@@ -156,16 +159,23 @@ class MultiScaleTeacher(FCOS):
 
 class DistilledStudent(nn.Module):
     """Training wrapper of the student (Sec. 3.4): FCOS losses on the LR image + feature distillation
-    towards the frozen teacher's fused pyramid, which the caller computes outside DDP under no_grad.
+    towards the frozen teacher's fused pyramid (no distillation when `teacher` is None).
+
+    The teacher is held in a plain attribute, not registered as a submodule: DDP around this wrapper sees
+    only the student's and the adapters' parameters, `.train()` and `.to()` leave the teacher alone (eval
+    mode, on its device) and state_dict() never holds it. Its features are computed under no_grad.
     `adapters` (distill.Adapters, a student thinner than its teacher) map the student's pyramid to the
     teacher's width first; they live here, beside the student, so they train with it but stay out of it."""
 
-    def __init__(self, student: FCOS, distill, adapters: nn.Module | None = None, probe=None):
+    def __init__(self, student: FCOS, distill, teacher: nn.Module | None = None, adapters: nn.Module | None = None,
+                 probe=None):
         super().__init__()
         self.student, self.distill, self.adapters = student, distill, adapters
+        object.__setattr__(self, "teacher", teacher)  # not a child module: outside DDP and the checkpoint
         self.probe = probe  # diagnostics.StudentProbe
 
-    def forward(self, batch, teacher_feats=None, iteration: int = 0):
+    def forward(self, batch, iteration: int = 0):
+        teacher_feats = self.teacher.distillation_targets(batch) if self.teacher is not None else None
         losses, feats = self.student(batch, return_features=True)
         if teacher_feats is not None:
             mapped = self.adapters(feats) if self.adapters is not None else feats  # teacher's width
@@ -184,6 +194,16 @@ def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
     if kind == "student":
         return FCOS(cfg, 0.5)
     raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(BRANCHES)}")
+
+
+def load_teacher(path, device) -> tuple[nn.Module, dict]:
+    """The frozen teacher of a train_teacher.py checkpoint (eval mode, no gradients, on `device`) and its
+    arguments. It stays outside DDP and outside the student's checkpoint."""
+    ckpt = load_checkpoint(path, expected_kind="teacher", made_by="python train_teacher.py")
+    teacher = build_model("teacher", ModelConfig.from_dict(ckpt["args"]))
+    teacher.load_state_dict(ckpt["model"])
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval(), ckpt["args"]
 
 
 def init_backbone(model: nn.Module, weights_path: str | None) -> None:

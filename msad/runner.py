@@ -1,8 +1,9 @@
-"""The flow both training scripts share: process group, data, DDP, the engine, final evaluation, metrics.
+"""Set-up and wrap-up that both training scripts need: checks and process group, data sets and loaders,
+device placement and DDP, the loop's configuration, the final evaluation and the metrics line.
 
-train_teacher.py and train_student.py differ only in the model they build and the step they run;
-everything around that lives here, once.
+The scripts themselves show their flow (data, model, optimizer, loop, evaluation); these are its steps.
 """
+import json
 import os
 import signal
 import sys
@@ -12,9 +13,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import dist, engine, outdir
 from .align import HR_PAD
+from .checkpoint import CHECKPOINT, write_json_atomic
 from .cli import PRESETS, data_paths, print_metrics_line, seed_everything
 from .cost import model_cost
-from .data import CocoDetection, build_eval_loader, build_train_loader
+from .data import CocoDetection
+from .samplers import build_eval_loader, build_train_loader
 from .evaluation import evaluate
 
 
@@ -22,7 +25,7 @@ def start(args, training: bool = True, needs_data: bool = True) -> dist.DistInfo
     """Everything that can fail before the first iteration, in the first seconds.
 
     The per-process batch and the output folder (refusal to replace a run, test write, lock) are checked
-    before the process group exists, so every rank fails the same way. Then seeds, the demo data (generated
+    before the process group exists, so every rank fails the same way. Then (training) seeds, the demo data (generated
     once, by rank 0, and only at its default location) and, for training, the val set is parsed now rather
     than after the training. `training` is False for evaluate.py; `needs_data` is False for
     evaluate.py --images, which reads no dataset.
@@ -33,7 +36,11 @@ def start(args, training: bool = True, needs_data: bool = True) -> dist.DistInfo
         if int(os.environ.get("RANK", 0)) == 0:
             outdir.claim_output_dir(args.output_dir, args.resume, args.overwrite)
     info = dist.init_distributed(args.device)
-    seed_everything(args.seed, info.rank)
+    if training and info.is_main:  # the resolved configuration: printed, and kept beside the run
+        print("config: " + json.dumps(plain_args(args), sort_keys=True), flush=True)
+        write_json_atomic(plain_args(args), os.path.join(args.output_dir, "config.json"))
+    if training:
+        seed_everything(args.seed, info.rank)
     if needs_data:
         check_data_root(args, info, training)
     if training and not args.no_eval:
@@ -72,17 +79,16 @@ def check_data_root(args, info: dist.DistInfo, training: bool) -> None:
 
 
 def train_dataset(args) -> CocoDetection:
-    """The training set; its category ids and names go into args, hence into every checkpoint."""
+    """The training set; its category ids, names and count go into args, hence into every checkpoint."""
     ann, images = data_paths(args, "train")
     dataset = CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size)
-    args.cat_ids, args.class_names = dataset.cat_ids, dataset.class_names
+    args.cat_ids, args.class_names, args.num_classes = dataset.cat_ids, dataset.class_names, dataset.num_classes
     return dataset
 
 
-def val_dataset(args, test_size=None) -> CocoDetection:
+def val_dataset(args) -> CocoDetection:
     ann, images = data_paths(args, "val")
-    size = test_size or args.test_size
-    dataset = CocoDetection(ann, images, train=False, sizes=(size,), max_size=args.max_size * size // args.test_size)
+    dataset = CocoDetection(ann, images, train=False, sizes=(args.test_size,), max_size=args.max_size)
     if args.max_images:
         dataset.image_ids = dataset.image_ids[: args.max_images]
     return dataset
@@ -108,30 +114,30 @@ def ddp(model: torch.nn.Module, info: dist.DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def fit(args, info, kind: str, model: torch.nn.Module, step_fn, train_set, extra_state_fn=None, aux=None) -> dict:
-    """SGD + warm-up multi-step schedule + the shared engine loop (method.md Sec. 6 recipe).
+def optimizer_and_schedule(model: torch.nn.Module, args):
+    """SGD (momentum 0.9, no weight decay on norm layers) and the warm-up multi-step schedule, as released."""
+    optimizer = engine.build_optimizer(model, args.lr, weight_decay=args.weight_decay)
+    return optimizer, engine.build_scheduler(optimizer, warmup_iters=args.warmup_iters, steps=args.steps)
 
-    `aux`: name -> module trained beside `model` but not part of it (the student's distillation adapters);
-    optimised with it, saved under checkpoint["aux"] and restored on resume, left out of model_final.pth.
-    """
-    trained = torch.nn.ModuleDict({"model": model, **aux}) if aux else model
-    optimizer = engine.build_optimizer(trained, args.lr, weight_decay=args.weight_decay)
-    scheduler = engine.build_scheduler(optimizer, warmup_iters=args.warmup_iters, steps=args.steps)
 
-    def data_iter(start_iter: int):
+def train_batches(args, info, train_set):
+    """start_iter -> iterator over this process's training batches from that iteration on (for --resume)."""
+    def batches(start_iter: int):
         return iter(build_train_loader(train_set, args.batch_per_process, info.rank, info.world_size, args.seed,
                                        args.workers, HR_PAD, start_iter))
-
-    cfg = engine.TrainConfig(output_dir=args.output_dir, iters=args.iters, kind=kind, args=plain_args(args),
-                             checkpoint_period=args.checkpoint_period, log_period=args.log_period,
-                             clip_grad=args.clip_grad, amp=args.amp, resume=args.resume,
-                             overwrite=args.overwrite, device=info.device)
-    return engine.train(step_fn, model, optimizer, scheduler, data_iter, cfg, extra_state_fn, aux)
+    return batches
 
 
-def evaluate_model(args, info, model, test_size=None, output_dir=None, min_score=0.0):
+def train_config(args, info, kind: str) -> engine.TrainConfig:
+    return engine.TrainConfig(output_dir=args.output_dir, iters=args.iters, kind=kind, args=plain_args(args),
+                              checkpoint_period=args.checkpoint_period, log_period=args.log_period,
+                              clip_grad=args.clip_grad, amp=args.amp, resume=args.resume,
+                              overwrite=args.overwrite, device=info.device)
+
+
+def evaluate_model(args, info, model, output_dir=None, min_score=0.0):
     """COCO evaluation of `model` on the validation set (sharded; metrics on rank 0, None elsewhere)."""
-    dataset = val_dataset(args, test_size)
+    dataset = val_dataset(args)
     loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
     metrics = evaluate(model, loader, dataset, info.device, output_dir, args.amp, min_score)
     return metrics if metrics is None else metrics | first_batch_cost(args, info, model, dataset)
@@ -144,19 +150,22 @@ def first_batch_cost(args, info, model, dataset) -> dict:
     return model_cost(model, first.to(info.device)) if first is not None else {}
 
 
-def finish(args, info, model, result: dict, extra: dict | None = None) -> dict | None:
-    """Final evaluation (unless --no-eval or stopped early), metrics.json and the final JSON line on rank 0.
+def final_evaluation(args, info, model, result: dict) -> dict:
+    """COCO AP of the trained model on rank 0 ({} with --no-eval, after a stop, and on the other ranks)."""
+    if args.no_eval or result.get("stopped"):
+        return {}
+    return evaluate_model(args, info, model, output_dir=args.output_dir) or {}
+
+
+def finish(args, info, result: dict, metrics: dict) -> dict | None:
+    """metrics.json and the final JSON line (the loop's result, then `metrics`) on rank 0.
 
     A run stopped by SIGINT / SIGTERM (checkpoint saved) then exits 130 / 143, its last line saying how to resume.
     """
-    metrics = {"output_dir": args.output_dir, **{k: v for k, v in result.items() if not isinstance(v, dict)}}
-    if not args.no_eval and not result.get("stopped"):
-        ap = evaluate_model(args, info, model, output_dir=args.output_dir)
-        if info.is_main:
-            metrics |= ap
-    metrics |= extra or {}
+    metrics = {"output_dir": args.output_dir, **{k: v for k, v in result.items() if not isinstance(v, dict)},
+               **metrics}
     if info.is_main:
-        engine.write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
+        write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
     dist.cleanup()
     if result.get("stopped"):  # not 0: `train_teacher.py && train_student.py` must not go on with no teacher
@@ -164,7 +173,7 @@ def finish(args, info, model, result: dict, extra: dict | None = None) -> dict |
         if info.is_main:
             print(f"interrupted by {result['signal']} at iteration {result['iterations']} of {args.iters}: "
                   f"rerun the same command with --resume to continue from "
-                  f"{os.path.join(args.output_dir, engine.CHECKPOINT)}", file=sys.stderr, flush=True)
+                  f"{os.path.join(args.output_dir, CHECKPOINT)}", file=sys.stderr, flush=True)
         raise SystemExit(code)
     return metrics if info.is_main else None
 

@@ -7,7 +7,7 @@ which is what MSAD is about. Backgrounds are smooth noise, gradients or stripes 
 saturated shapes stand out. Objects may overlap mildly: none is more than 60% hidden, and its box is the
 tight box of its visible pixels (`area` is its visible pixel count, as in COCO).
 
-The layout is COCO's, so `data.coco_paths(root, "train")` works:
+The layout is COCO's, so `--data-root root` works:
     root/annotations/instances_{train,val}2017.json, root/{train,val}2017/*.png, root/meta.json
 Everything is a function of the parameters (same seed -> byte-identical files). `ensure_synthetic`
 generates on first use and reuses the data while `meta.json` matches the parameters.

@@ -1,11 +1,11 @@
-"""The pyramid shift of MSAD Sec. 3.1 (method.md Sec. 2): with the LR input exactly half the HR input,
+"""The pyramid shift of MSAD Sec. 3.1: with the LR input exactly half the HR input,
 LR P_l has the shape of HR P_(l+1), and targets computed in either frame are the same."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from msad import align
-from msad.data import normalize
+from msad.imagenet import normalize
 from msad.fcos_head import make_points
 from msad.fcos_loss import SIZE_RANGES, assign_targets, level_ranges
 from msad.models import build_model
@@ -81,7 +81,7 @@ def test_pyramid_offset_rejects_scales_that_break_the_alignment(scale):
 
 
 def test_targets_in_lr_coordinates_equal_targets_in_hr_coordinates():
-    # method.md Sec. 2: the LR branch may equally work in LR pixels, with strides 4..64, halved size ranges
+    # MSAD Sec. 3.1: the LR branch may equally work in LR pixels, with strides 4..64, halved size ranges
     # and halved boxes; labels and stride-normalised regression targets must come out the same.
     H, W = 384, 512  # a padded HR batch
     shapes = [(H // s, W // s) for s in align.hr_strides()]  # HR P3..P7 == LR P2..P6 (previous tests)
@@ -98,8 +98,9 @@ def test_targets_in_lr_coordinates_equal_targets_in_hr_coordinates():
         boxes.append(torch.cat([xy, (xy + wh).minimum(torch.tensor([W, H]))], dim=1))
         labels.append(torch.randint(0, 4, (n,), generator=g))
 
-    hr = assign_targets(hr_points, hr_strides, level_ranges(shapes), boxes, labels)
-    lr = assign_targets(lr_points, lr_strides, level_ranges(shapes, lr_ranges), [b / 2 for b in boxes], labels)
+    hr = assign_targets(hr_points, hr_strides, level_ranges(shapes), boxes, labels, shapes=shapes)
+    lr = assign_targets(lr_points, lr_strides, level_ranges(shapes, lr_ranges), [b / 2 for b in boxes], labels,
+                        shapes=shapes)
     assert hr.pos.sum() > 20
     assert torch.equal(lr.labels, hr.labels)
     assert torch.equal(lr.pos, hr.pos)

@@ -1,6 +1,5 @@
 """msad.cost: the params and GFLOPs per image that every evaluation reports (2 FLOPs per multiply-add)."""
 import pytest
-import torch
 from torch import nn
 
 from msad.cost import count_params, flops_per_image, model_cost

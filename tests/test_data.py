@@ -4,14 +4,17 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from msad.data import (PAD_VALUE, CocoDetection, DatasetError, EvalBatchSampler, ImageBatch, TrainBatchSampler,
-                       build_eval_loader, build_train_loader, coco_paths, collate, normalize)
+from msad.cli import data_paths
+from msad.data import PAD_VALUE, CocoDetection, DatasetError, ImageBatch, collate
+from msad.imagenet import normalize
+from msad.samplers import EvalBatchSampler, TrainBatchSampler, build_eval_loader, build_train_loader
 
 # image id -> (height, width, PIL mode); ids and categories deliberately unsorted and non-contiguous
 IMAGES = {5: (40, 60, "RGB"), 2: (50, 30, "L"), 9: (30, 40, "RGBA"), 7: (32, 32, "RGB")}
@@ -57,7 +60,7 @@ def eval_set(coco, sizes=(20, 24), max_size=1000):
 
 # -- loading and filtering -----------------------------------------------------------------------------
 def test_train_drops_crowd_degenerate_and_empty(coco, caplog):
-    with caplog.at_level(logging.WARNING, logger="msad.data"):
+    with caplog.at_level(logging.WARNING, logger="msad.coco"):
         ds = train_set(coco)
     assert ds.image_ids == [2, 5, 9]  # image 7 has no usable box; sorted id order
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -164,7 +167,7 @@ def test_sampler_is_deterministic_and_resumable():
     for k in (1, 7, 12):
         assert take(TrainBatchSampler(ratios, 2, seed=3, start_iter=k), 30 - k) == a[k:]
     assert len({s for batch in a for _, s in batch}) > 40  # each (epoch, index) has its own aug seed
-    epoch = [i for batch in take(TrainBatchSampler(20, 2, seed=3), 10) for i, _ in batch]
+    epoch = [i for batch in take(TrainBatchSampler([1.0] * 20, 2, seed=3), 10) for i, _ in batch]
     assert sorted(epoch) == list(range(20))  # one epoch sees every image once
 
 
@@ -174,12 +177,11 @@ def test_sampler_groups_by_aspect():
         assert len({ratios[i] < 1 for i, _ in batch}) == 1
     ungrouped = take(TrainBatchSampler(ratios, 3, seed=0, group_by_aspect=False), 20)
     assert any(len({ratios[i] < 1 for i, _ in b}) == 2 for b in ungrouped)
-    assert take(TrainBatchSampler(len(ratios), 3, seed=0), 20) == ungrouped  # a length: no grouping
 
 
 def test_sampler_ranks_partition_each_epoch():
     n = 11  # not a multiple of world_size: padded like DistributedSampler
-    per_rank = [take(TrainBatchSampler(n, 1, rank=r, world_size=2, seed=5), 6) for r in range(2)]
+    per_rank = [take(TrainBatchSampler([1.0] * n, 1, rank=r, world_size=2, seed=5), 6) for r in range(2)]
     epoch0 = [b[0][0] for r in range(2) for b in per_rank[r]]
     assert len(epoch0) == 12 and set(epoch0) == set(range(n))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(5)).tolist()
@@ -218,9 +220,11 @@ def test_eval_batches_only_hold_images_of_one_padded_shape(coco):
     assert list(EvalBatchSampler(shapes[:1], 2, 1, 2)) == []  # a rank without images
 
 
-def test_coco_paths():
-    ann, img = coco_paths("data/coco", "val")
-    assert ann.endswith("annotations/instances_val2017.json") and img.endswith("val2017")
+def test_data_paths_follow_the_coco_layout_unless_overridden():
+    args = SimpleNamespace(data_root="root", val_ann=None, val_images=None, train_ann="mine.json", train_images=None)
+    assert data_paths(args, "val") == (os.path.join("root", "annotations", "instances_val2017.json"),
+                                       os.path.join("root", "val2017"))
+    assert data_paths(args, "train") == ("mine.json", os.path.join("root", "train2017"))  # override wins
 
 
 # -- errors ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The real models and scripts under torchrun with 2 gloo processes on CPU (design.md: same code path for
+"""The real models and scripts under torchrun with 2 gloo processes on CPU (the same code path for
 1 and N processes; the frozen teacher outside DDP; evaluation sharded and merged on rank 0)."""
 import json
 import os
@@ -35,12 +35,9 @@ def trained(tmp_path_factory):
 def test_student_trains_under_torchrun_with_the_teacher_outside_ddp(trained):
     tmp, data = trained
     teacher = tmp / "teacher" / "model_final.pth"
-    before = torch.load(teacher, weights_only=True)["model"]
     result = last_json(run("train_student.py", *TINY, *data_flags(data), "--iters", 2, "--kd-warmup", 0,
                            "--no-eval", "--teacher", teacher, "--output-dir", tmp / "student", nproc=2))
-    assert result["kind"] == "student" and result["iterations"] == 2
-    after = torch.load(teacher, weights_only=True)["model"]
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert result["kind"] == "student" and result["iterations"] == 2  # DDP without find_unused_parameters
     student = torch.load(tmp / "student" / "model_final.pth", weights_only=True)["model"]
     assert not any(k.startswith("fusion.") for k in student)
 

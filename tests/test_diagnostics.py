@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msad import align
-from msad.data import normalize
+from msad.imagenet import normalize
 from msad.diagnostics import CFFWeights, StudentProbe, probe_iterations
 from msad.distill import FeatureDistillation
 from msad.fusion import CrossFeatureFusion
@@ -53,12 +53,14 @@ def test_probe_logs_feature_gap_and_gradient_ratio_without_touching_parameter_gr
     batch = make_batch(BOXES, sizes=(128, 160))
     with torch.no_grad():
         shapes = [f.shape for f in student.branch_features(normalize(batch.images))]
-    teacher_feats = [torch.randn(s) for s in shapes]
+    teacher = build_model("teacher", tiny_cfg).eval()
+    teacher_feats = teacher.distillation_targets(batch)
+    assert [f.shape for f in teacher_feats] == shapes
     probe = StudentProbe({3}, tmp_path / "log.jsonl")
-    model = DistilledStudent(student, FeatureDistillation(2.0, 0), probe=probe)
-    model(batch, teacher_feats, iteration=2)  # not a probed iteration
+    model = DistilledStudent(student, FeatureDistillation(2.0, 0), teacher, probe=probe)
+    model(batch, 2)  # not a probed iteration
     assert probe.records == {}
-    losses = model(batch, teacher_feats, iteration=3)
+    losses = model(batch, 3)
     assert all(p.grad is None for p in student.parameters())  # autograd.grad only, on the pyramid
     # By hand: the same forward (deterministic), gradients of each part w.r.t. the pyramid.
     by_hand, feats = student(batch, return_features=True)

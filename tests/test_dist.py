@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed
 
-from msad import dist, engine
+from msad import checkpoint, dist
 
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
@@ -39,8 +39,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     toy_train.main(["--output-dir", str(tmp_path / "single"), *args])
 
-    ddp = engine.load_checkpoint(tmp_path / "ddp" / "model_final.pth", "fcos")
-    single = engine.load_checkpoint(tmp_path / "single" / "model_final.pth", "fcos")
+    ddp = checkpoint.load_checkpoint(tmp_path / "ddp" / "model_final.pth", "fcos")
+    single = checkpoint.load_checkpoint(tmp_path / "single" / "model_final.pth", "fcos")
     assert ddp["iteration"] == single["iteration"] == 8
     for name, w in single["model"].items():
         torch.testing.assert_close(ddp["model"][name], w, rtol=0, atol=1e-5, msg=name)

@@ -1,4 +1,4 @@
-"""Feature distillation from the fused teacher pyramid to the LR student (MSAD Sec. 3.4, method.md Sec. 5):
+"""Feature distillation from the fused teacher pyramid to the LR student (MSAD Sec. 3.4):
 L_KD = w(t) * 0.2 * 3 * sum over the 5 levels of mean |S_l - F_l|, w(t) = min(1, t / 500)."""
 import pytest
 import torch
@@ -68,16 +68,28 @@ def test_unknown_distance_is_rejected():
 
 def test_distilled_student_adds_kd_terms_whose_gradient_reaches_only_the_student(tiny_cfg, make_batch):
     teacher = build_model("teacher", tiny_cfg).eval()
-    wrapper = DistilledStudent(build_model("student", tiny_cfg).train(), FeatureDistillation())
+    wrapper = DistilledStudent(build_model("student", tiny_cfg).train(), FeatureDistillation(), teacher)
     batch = make_batch([[[10, 12, 70, 90]], [[30, 20, 100, 60]]], sizes=(128, 128))
     teacher_feats = teacher.distillation_targets(batch)
     assert not any(f.requires_grad for f in teacher_feats)  # computed under no_grad
-    losses = wrapper(batch, teacher_feats, iteration=500)
+    losses = wrapper(batch, 500)
     assert {"loss_cls", "loss_box", "loss_ctr"} < set(losses)
     assert {f"loss_kd_p{l}" for l in range(2, 7)} < set(losses)
     sum(v for k, v in losses.items() if k.startswith("loss_kd")).backward()
     assert wrapper.student.fpn.output["p2"].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_the_wrapper_holds_the_teacher_outside_its_modules_so_ddp_and_checkpoints_never_see_it(tiny_cfg):
+    teacher = build_model("teacher", tiny_cfg).eval()
+    wrapper = DistilledStudent(build_model("student", tiny_cfg), FeatureDistillation(), teacher)
+    teacher_params = {id(p) for p in teacher.parameters()}
+    assert wrapper.teacher is teacher
+    assert not teacher_params & {id(p) for p in wrapper.parameters()}  # what DDP would broadcast and all-reduce
+    assert not any(m is teacher for m in wrapper.modules())
+    assert not any(k.startswith("teacher.") for k in wrapper.state_dict())
+    wrapper.train()
+    assert not teacher.training  # the frozen teacher stays in eval mode
 
 
 def test_adapters_appear_exactly_when_the_widths_differ():
@@ -96,9 +108,9 @@ def test_a_thin_student_distils_through_adapters_that_stay_out_of_the_inference_
     batch = make_batch([[[10, 12, 70, 90]], [[30, 20, 100, 60]]], sizes=(128, 128))
     teacher_feats = teacher.distillation_targets(batch)
     with pytest.raises(ValueError, match="student P2"):  # without adapters the pyramids cannot be compared
-        DistilledStudent(student, FeatureDistillation())(batch, teacher_feats, iteration=500)
-    wrapper = DistilledStudent(student, FeatureDistillation(), build_adapters(16, 32))
-    losses = wrapper(batch, teacher_feats, iteration=500)
+        DistilledStudent(student, FeatureDistillation(), teacher)(batch, 500)
+    wrapper = DistilledStudent(student, FeatureDistillation(), teacher, build_adapters(16, 32))
+    losses = wrapper(batch, 500)
     sum(v for k, v in losses.items() if k.startswith("loss_kd")).backward()
     assert all(c.weight.grad.abs().sum() > 0 for c in wrapper.adapters.convs)  # every level position trains
     assert student.fpn.output["p2"].weight.grad.abs().sum() > 0  # and the student through them

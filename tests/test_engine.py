@@ -1,4 +1,5 @@
-"""msad.engine: optimizer groups, LR schedule, the training loop, checkpoints, resume and signals (CPU)."""
+"""msad.engine and msad.checkpoint: optimizer groups, LR schedule, the training loop, checkpoints, resume and
+signals (CPU)."""
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from msad import engine, outdir
+from msad import checkpoint, engine, outdir
 
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
@@ -47,20 +48,16 @@ def test_param_groups_no_decay_on_norm_and_frozen_left_out():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4),
                           nn.Linear(4, 4), nn.Linear(4, 4))
     model[5].requires_grad_(False)
-    opt = engine.build_optimizer(model, lr=0.01, weight_decay=1e-4, weight_decay_bias=3e-5)
+    opt = engine.build_optimizer(model, lr=0.01, weight_decay=1e-4)
     wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     n_listed = sum(len(g["params"]) for g in opt.param_groups)
     assert n_listed == len(wd) == 10  # every trainable param exactly once, frozen ones absent
     for i in (1, 2, 3):  # BatchNorm, GroupNorm, LayerNorm: weight and bias undecayed
         assert wd[id(model[i].weight)] == 0.0 and wd[id(model[i].bias)] == 0.0
     assert wd[id(model[0].weight)] == wd[id(model[4].weight)] == 1e-4
-    assert wd[id(model[0].bias)] == wd[id(model[4].bias)] == 3e-5
+    assert wd[id(model[0].bias)] == wd[id(model[4].bias)] == 1e-4  # biases decay like weights, as released
     assert id(model[5].weight) not in wd
     assert all(g["lr"] == 0.01 and g["momentum"] == 0.9 for g in opt.param_groups)
-    # bias decay defaults to the weight decay
-    opt = engine.build_optimizer(model, lr=0.01)
-    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
-    assert wd[id(model[0].bias)] == 1e-4 and wd[id(model[1].bias)] == 0.0
 
 
 def test_lr_factor_warmup_and_steps():
@@ -93,7 +90,7 @@ def test_loss_goes_down_and_log_has_every_term(tmp_path):
     log = read_log(tmp_path)
     assert [r["iter"] for r in log] == [10, 20, 30, 40, 50, 60]
     for r in log:
-        assert {"iter", "lr", "loss_mse", "loss_l1", "loss", "time", "data_time", "max_mem_mb"} <= r.keys()
+        assert {"iter", "learning_rate", "loss_mse", "loss_l1", "loss", "time", "data_time", "max_mem_mb"} <= r.keys()
         assert r["loss"] == pytest.approx(r["loss_mse"] + r["loss_l1"])
         assert r["max_mem_mb"] is None  # CPU
     assert np.mean([r["loss"] for r in log[-2:]]) < 0.5 * np.mean([r["loss"] for r in log[:2]])
@@ -115,12 +112,36 @@ def test_train_config_rejects_non_plain_args_and_bad_amp(tmp_path):
         engine.TrainConfig(output_dir=str(tmp_path), iters=1, kind="detr", args={})
 
 
-@pytest.mark.parametrize("amp,clip", [("none", 1.0), ("bf16", None), ("fp16", 1.0)])
-def test_amp_and_clipping_run(tmp_path, amp, clip):
-    result, _ = run_toy(tmp_path, iters=6, amp=amp, clip_grad=clip)
-    assert np.isfinite(result["final_loss"])
-    ckpt = engine.load_checkpoint(tmp_path / "checkpoint.pth")
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_clipping_scales_the_true_gradient_to_the_clip_norm(tmp_path, amp):
+    """One SGD step with --clip-grad at a tenth of the gradient norm moves the weights by lr x gradient / 10.
+    Under fp16 the GradScaler's factor (2**16) must be taken out before clipping, or the step would be 2**16
+    times too small."""
+    model, optimizer, scheduler = toy_train.build(warmup_iters=0)  # lr 0.05 from the first step
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.0  # the step is then the clipped gradient alone
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = toy_train.make_step_fn(model)(next(toy_train.data_iter_fn(8)(0)), 0)  # the batch train() sees first
+    grads = torch.autograd.grad(sum(losses.values()), list(model.parameters()))
+    norm = float(torch.sqrt(sum(g.square().sum() for g in grads)))
+    cfg = engine.TrainConfig(output_dir=str(tmp_path), iters=1, kind="fcos", args={}, amp=amp, clip_grad=norm / 10)
+    engine.train(toy_train.make_step_fn(model), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
+    tol = dict(rtol=2e-2, atol=1e-6) if amp == "fp16" else dict(rtol=2e-3, atol=1e-7)  # p0 - p loses digits
+    for p, p0, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p0 - p.detach(), 0.05 * g / 10, **tol)
+    ckpt = checkpoint.load_checkpoint(tmp_path / "checkpoint.pth")
     assert (ckpt["scaler"] is not None) == (amp == "fp16")
+
+
+def test_bf16_autocast_runs_the_step_in_bf16(tmp_path):
+    seen = []
+
+    def hook(it, losses):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+    run_toy(tmp_path, iters=2, hook=hook, amp="bf16")
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint.pth")["scaler"] is None  # no loss scaling in bf16
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
@@ -170,7 +191,7 @@ def run_toy_with_aux(out, iters, seed=0, **cfg_kw):
 
 def test_aux_modules_are_checkpointed_apart_restored_on_resume_and_left_out_of_the_final_model(tmp_path):
     _, straight, straight_aux = run_toy_with_aux(tmp_path / "straight", iters=6, clip_grad=1.0)
-    ckpt = engine.load_checkpoint(tmp_path / "straight" / "checkpoint.pth")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoint.pth")
     assert set(ckpt["model"]) == set(straight.state_dict())  # the model alone, as evaluation expects
     assert all(torch.equal(ckpt["aux"]["adapters"][k], v) for k, v in straight_aux.state_dict().items())
     final = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)
@@ -217,17 +238,9 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     # the saved RNG states round-trip: restoring them twice gives the same draws
     draws = []
     for _ in range(2):
-        engine._set_rng_state(ckpt["rng"], torch.device("cpu"))
+        checkpoint.set_rng_state(ckpt["rng"], torch.device("cpu"))
         draws.append((torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]))
     assert draws[0] == draws[1]
-
-
-def test_extra_state_is_merged(tmp_path):
-    model, optimizer, scheduler = toy_train.build()
-    cfg = engine.TrainConfig(output_dir=str(tmp_path), iters=2, kind="student", args={})
-    engine.train(toy_train.make_step_fn(model), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg,
-                 extra_state_fn=lambda: {"kd_weight": 0.5})
-    assert engine.load_checkpoint(tmp_path / "checkpoint.pth", "student")["kd_weight"] == 0.5
 
 
 class Evil:
@@ -248,7 +261,7 @@ def test_load_checkpoint_refuses_malicious_pickle(tmp_path, writer):
     with open(path, "wb") as f:
         torch.save(payload, f) if writer == "torch.save" else pickle.dump(payload, f)
     with pytest.raises(ValueError) as e:
-        engine.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
 
@@ -264,9 +277,9 @@ def test_load_checkpoint_refuses_garbage_and_torn_files(tmp_path):
         else:
             path.write_bytes(data)
         with pytest.raises(ValueError, match=name):
-            engine.load_checkpoint(path)
+            checkpoint.load_checkpoint(path)
     with pytest.raises(ValueError, match="'fcos'.*'teacher'"):
-        engine.load_checkpoint(tmp_path / "checkpoint.pth", expected_kind="teacher")
+        checkpoint.load_checkpoint(tmp_path / "checkpoint.pth", expected_kind="teacher")
 
 
 def test_non_finite_loss_stops_before_the_step(tmp_path):
@@ -285,7 +298,7 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
     msg = str(e.value)
     assert "iteration 4" in msg and "loss_mse=nan" in msg and "loss_l1=" in msg
     assert sha(tmp_path / "checkpoint.pth") == seen["sha"]
-    ckpt = engine.load_checkpoint(tmp_path / "checkpoint.pth")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "checkpoint.pth")
     assert ckpt["iteration"] == 4
     # the NaN step never reached the weights
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ckpt["model"].values()))
@@ -294,7 +307,7 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    engine.save_atomic({"kind": "fcos", "x": torch.ones(3)}, path)
+    checkpoint.save_atomic({"kind": "fcos", "x": torch.ones(3)}, path)
     before = path.read_bytes()
 
     def failing_save(obj, f):
@@ -303,13 +316,13 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        engine.save_atomic({"kind": "fcos", "x": torch.zeros(3)}, path)
+        checkpoint.save_atomic({"kind": "fcos", "x": torch.zeros(3)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
     # same for JSON: a value json cannot encode leaves the old file alone
-    engine.write_json_atomic({"ap": 1.0}, tmp_path / "metrics.json")
+    checkpoint.write_json_atomic({"ap": 1.0}, tmp_path / "metrics.json")
     with pytest.raises(TypeError):
-        engine.write_json_atomic({"ap": object()}, tmp_path / "metrics.json")
+        checkpoint.write_json_atomic({"ap": object()}, tmp_path / "metrics.json")
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"ap": 1.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "metrics.json"]
 
@@ -324,7 +337,7 @@ def test_sigterm_saves_and_returns_in_process(tmp_path):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     result, _ = run_toy(tmp_path, iters=50, hook=hook, checkpoint_period=100, log_period=100)
     assert result["stopped"] and result["iterations"] == 4
-    assert engine.load_checkpoint(tmp_path / "checkpoint.pth")["iteration"] == 4
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint.pth")["iteration"] == 4
     assert read_log(tmp_path)[-1]["iter"] == 4
     assert not (tmp_path / "model_final.pth").exists()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
@@ -366,7 +379,7 @@ def test_sigterm_subprocess_checkpoints_and_exits_0(tmp_path):
     assert proc.returncode == 0, err
     result = json.loads(out.splitlines()[-1])
     assert result["stopped"] and 0 < result["iterations"] < 100000
-    assert engine.load_checkpoint(tmp_path / "checkpoint.pth")["iteration"] == result["iterations"]
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint.pth")["iteration"] == result["iterations"]
 
 
 def test_sigkill_at_random_moments_then_resume(tmp_path, capsys):
@@ -385,15 +398,15 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, capsys):
         proc.kill()
         proc.communicate()
         assert proc.returncode == -signal.SIGKILL, "finished before it was killed"
-        assert engine.load_checkpoint(ckpt_path, "fcos")["iteration"] < iters  # whole, never torn
+        assert checkpoint.load_checkpoint(ckpt_path, "fcos")["iteration"] < iters  # whole, never torn
     # the last life runs in this process (saves a torch import), reading what the killed ones left
     assert toy_train.main(["--output-dir", str(tmp_path / "run"), *args, "--sleep", "0", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["start_iteration"] > 0
-    final = engine.load_checkpoint(tmp_path / "run" / "model_final.pth", "fcos")
+    final = checkpoint.load_checkpoint(tmp_path / "run" / "model_final.pth", "fcos")
     assert final["iteration"] == iters
 
     toy_train.main(["--output-dir", str(tmp_path / "straight"), *args, "--sleep", "0"])
-    straight = engine.load_checkpoint(tmp_path / "straight" / "model_final.pth")
+    straight = checkpoint.load_checkpoint(tmp_path / "straight" / "model_final.pth")
     for name, a in straight["model"].items():
         torch.testing.assert_close(final["model"][name], a, rtol=0, atol=1e-6, msg=name)
 
@@ -414,7 +427,7 @@ def test_a_finished_or_unfinished_run_is_not_replaced_without_overwrite(tmp_path
         run_toy(tmp_path, iters=2, resume=True, overwrite=True)
     result, _ = run_toy(tmp_path, iters=2, overwrite=True)  # from scratch, replacing the run
     assert result["start_iteration"] == 0
-    assert engine.load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 2
+    assert checkpoint.load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 2
     assert [r["iter"] for r in read_log(tmp_path)] == [2]  # the old run's log lines are gone
 
 
@@ -444,7 +457,7 @@ def test_nan_lr_never_saves_non_finite_weights(tmp_path):
 
 def test_disk_full_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
     import errno
-    engine.save_atomic({"kind": "fcos", "model": {}, "args": {}}, tmp_path / "checkpoint.pth")
+    checkpoint.save_atomic({"kind": "fcos", "model": {}, "args": {}}, tmp_path / "checkpoint.pth")
     before = sha(tmp_path / "checkpoint.pth")
 
     def full(obj, f):  # what torch.save into a full disk raises: its writer's error around the OSError
@@ -455,13 +468,13 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(engine.DiskFullError, match="disk full.*checkpoint.pth.*previous checkpoint.pth is kept"):
-        engine.save_atomic({}, tmp_path / "checkpoint.pth")
+    with pytest.raises(checkpoint.DiskFullError, match="disk full.*checkpoint.pth.*previous checkpoint.pth is kept"):
+        checkpoint.save_atomic({}, tmp_path / "checkpoint.pth")
     assert sha(tmp_path / "checkpoint.pth") == before and not (tmp_path / ".checkpoint.pth.tmp").exists()
     from msad.cli import run_script
 
     def main(argv):
-        engine.save_atomic({}, tmp_path / "checkpoint.pth")
+        checkpoint.save_atomic({}, tmp_path / "checkpoint.pth")
 
     with pytest.raises(SystemExit) as e:  # a script reports it in one line, exit status 1
         run_script(main)
@@ -503,6 +516,6 @@ def test_sigint_is_reported_and_cpu_training_flushes_denormals(tmp_path):
 def test_checkpoint_without_args_is_refused_in_one_line(tmp_path):
     torch.save({"kind": "teacher", "model": {}}, tmp_path / "c.pth")
     with pytest.raises(ValueError, match="missing args"):
-        engine.load_checkpoint(tmp_path / "c.pth")
+        checkpoint.load_checkpoint(tmp_path / "c.pth")
     with pytest.raises(FileNotFoundError, match="does not exist yet: run python train_teacher.py first"):
-        engine.load_checkpoint(tmp_path / "model_final.pth", "teacher", made_by="python train_teacher.py")
+        checkpoint.load_checkpoint(tmp_path / "model_final.pth", "teacher", made_by="python train_teacher.py")

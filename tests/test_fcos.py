@@ -1,4 +1,5 @@
-"""FCOS as used by MSAD (method.md Sec. 6): target assignment, losses, decoding, size, trainability.
+"""FCOS as used by MSAD (FCOS Sec. 3, the released code's improved variant): target assignment, losses,
+decoding, size, trainability.
 
 Assignment cases are built by hand on the HR location grid of a padded image: level positions 0..4 are
 P3..P7 with strides 8..128, locations at (j*s + s//2, i*s + s//2), size ranges [-1,64], [64,128], ...
@@ -11,7 +12,7 @@ import torchvision
 
 from msad import align
 from msad.fcos_head import decode, make_points
-from msad.fcos_loss import Targets, assign_targets, giou_loss_ltrb, level_ranges, sigmoid_focal_loss
+from msad.fcos_loss import Targets, assign_targets, assign_targets_dense, focal_loss_sum, giou_loss_ltrb, level_ranges
 from msad.models import ModelConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -42,7 +43,10 @@ def assign(size, boxes_per_image, labels_per_image=None):
     if labels_per_image is None:
         labels_per_image = [[0] * len(b) for b in boxes]
     labels = [torch.tensor(l, dtype=torch.long).reshape(-1) for l in labels_per_image]
-    return assign_targets(points, strides, ranges, boxes, labels), shapes
+    fast = assign_targets(points, strides, ranges, boxes, labels, shapes=shapes)
+    dense = assign_targets_dense(points, strides, ranges, boxes, labels)  # the definition
+    assert all(torch.equal(getattr(fast, k), getattr(dense, k)) for k in ("labels", "ltrb", "pos"))
+    return fast, shapes
 
 
 def centred_box(x, y, half):
@@ -132,10 +136,10 @@ def test_image_without_boxes_next_to_one_with_boxes():
 
 
 # ------------------------------------------------------------------------------------------------------
-# batched assignment == a per-image, per-box, per-location Python reference
+# the dense definition and the fast assignment == a per-image, per-box, per-location Python reference
 # ------------------------------------------------------------------------------------------------------
 def reference_assign(points, strides, ranges, boxes, labels, radius=1.5):
-    """FCOS assignment for one image written as plainly as possible (method.md Sec. 6)."""
+    """FCOS assignment for one image written as plainly as possible (FCOS Sec. 3.1-3.2), location by location."""
     out_labels, out_ltrb = [], []
     for (x, y), s, (lo, hi) in zip(points.tolist(), strides.tolist(), ranges.tolist()):
         best_area, label, ltrb = math.inf, -1, None
@@ -167,7 +171,7 @@ def random_boxes(n, h, w, g):
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
-def test_batched_assignment_equals_per_image_python_reference():
+def test_dense_and_fast_assignment_equal_a_per_image_python_reference():
     g = torch.Generator().manual_seed(1)
     h, w = 512, 768
     points, strides, ranges, shapes = hr_grid(h, w)
@@ -175,7 +179,9 @@ def test_batched_assignment_equals_per_image_python_reference():
     boxes = [random_boxes(n, h, w, g) for n in counts]
     boxes[2] = torch.cat([boxes[2], torch.tensor([[20.0, 10.0, 760.0, 500.0]])])  # one box large enough for P7
     labels = [torch.randint(0, 5, (len(bx),), generator=g) for bx in boxes]
-    t = assign_targets(points, strides, ranges, boxes, labels)
+    t = assign_targets_dense(points, strides, ranges, boxes, labels)
+    fast = assign_targets(points, strides, ranges, boxes, labels, shapes=shapes)
+    assert torch.equal(fast.labels, t.labels) and torch.equal(fast.pos, t.pos) and torch.equal(fast.ltrb, t.ltrb)
     for b in range(len(counts)):
         ref_labels, ref_ltrb = reference_assign(points, strides, ranges, boxes[b], labels[b])
         assert t.labels[b].tolist() == ref_labels, f"image {b}"
@@ -204,11 +210,11 @@ def test_centerness_target_follows_fcos_eq3_off_centre():
     assert torch.allclose(t.centerness, expected)
 
 
-def test_sigmoid_focal_loss_equals_torchvision():
+def test_focal_loss_sum_equals_torchvision():
     logits = torch.randn(4, 50, 7) * 3
     onehot = (torch.rand(4, 50, 7) < 0.1).float()
     expected = torchvision.ops.sigmoid_focal_loss(logits, onehot, alpha=0.25, gamma=2.0, reduction="sum")
-    assert torch.allclose(sigmoid_focal_loss(logits, onehot), expected, rtol=1e-5)
+    assert torch.allclose(focal_loss_sum(logits, logits[onehot > 0]), expected, rtol=1e-5)
 
 
 def test_giou_loss_ltrb_equals_torchvision_giou_with_plus_one_smoothing():

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import evaluate
-from msad.data import CocoDetection, build_eval_loader, collate
+from msad.data import CocoDetection, collate
+from msad.samplers import build_eval_loader
 from msad.models import ModelConfig, build_model, checkpoint_categories
 from msad.synthetic import ensure_synthetic
 from msad.vis import MIN_SHORT_SIDE

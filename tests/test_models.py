@@ -1,4 +1,4 @@
-"""Assembly of the MSAD models (method.md Sec. 3-5): C-FF, the multi-scale teacher, the LR student, and
+"""Assembly of the MSAD models (MSAD Sec. 3.2-3.4): C-FF, the multi-scale teacher, the LR student, and
 moving weights between them."""
 from dataclasses import replace
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from msad import align
-from msad.data import normalize
+from msad.checkpoint import load_checkpoint
+from msad.imagenet import normalize
 from msad.fcos_head import make_points
 from msad.fcos_loss import assign_targets, fcos_losses, level_ranges
 from msad.fusion import CrossFeatureFusion
@@ -89,7 +90,7 @@ def test_teacher_loss_is_hr_plus_lr_plus_0_4_fused(tiny_cfg, batch):
         shapes = [tuple(f.shape[-2:]) for f in hr]
         points, strides = make_points(shapes, align.hr_strides(), torch.device("cpu"))
         targets = assign_targets(points, strides, level_ranges(shapes), [t["boxes"] for t in batch.targets],
-                                 [t["labels"] for t in batch.targets])
+                                 [t["labels"] for t in batch.targets], shapes=shapes)
         by_hand = {name: fcos_losses(*teacher.head(feats), targets) for name, feats in
                    (("hr", hr), ("lr", lr), ("fused", fused))}
     assert set(losses) == {f"{b}_loss_{t}" for b in ("hr", "lr", "fused") for t in ("cls", "box", "ctr")}
@@ -147,6 +148,15 @@ def test_checkpoint_branch_selection(tiny_cfg):
     assert model.branch == "lr"
     assert torch.equal(model.state_dict()["fusion.gate.0.weight"], teacher.state_dict()["fusion.gate.0.weight"])
     assert model_from_checkpoint(checkpoint(teacher, "teacher", tiny_cfg), "t.pth").branch == "fused"
+
+
+def test_checkpoint_saved_with_the_old_lr_mode_argument_keeps_its_low_res_mode(tiny_cfg, tmp_path):
+    cfg = replace(tiny_cfg, low_res_mode="antialias")
+    ckpt = checkpoint(build_model("student", cfg), "student", cfg)
+    ckpt["args"]["lr_mode"] = ckpt["args"].pop("low_res_mode")  # as saved before the rename
+    torch.save(ckpt, tmp_path / "old.pth")
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "old.pth", "student"), "old.pth")
+    assert model.cfg.low_res_mode == "antialias"
 
 
 def test_checkpoint_without_fusion_rejects_the_fused_branch(tiny_cfg):

@@ -40,6 +40,20 @@ def test_every_evaluation_reports_the_models_cost(demo):
     assert json.loads((tmp / "eval_cost" / "metrics.json").read_text())["gflops"] == evaluated["gflops"]
 
 
+def test_each_run_keeps_its_resolved_configuration_in_config_json(demo):
+    config = json.loads((demo["tmp"] / "student" / "config.json").read_text())
+    # a flag, a preset value, a value taken from the teacher, a derived one
+    assert config["kd_warmup"] == 2 and config["lr"] == 0.02 and config["head_convs"] == 1
+    assert config["batch_per_process"] == 2
+    saved = torch.load(demo["tmp"] / "student" / "model_final.pth", weights_only=True)["args"]
+    assert all(saved[k] == v for k, v in config.items())  # what the checkpoint was trained with
+
+
+def test_help_shows_each_presets_value():
+    proc = run("train_teacher.py", "--help")
+    assert proc.returncode == 0 and "[coco: 0.01; demo: 0.02]" in " ".join(proc.stdout.split())  # --lr
+
+
 def test_teacher_script_writes_checkpoint_log_and_metrics(demo):
     out = demo["tmp"] / "teacher"
     assert demo["teacher"]["kind"] == "teacher" and demo["teacher"]["iterations"] == 3
@@ -215,6 +229,16 @@ def test_freeze_at_out_of_range_and_cuda_without_cuda_are_refused(capsys):
             train_teacher.parse_args(["--device", "cuda"])
 
 
+def test_old_lr_mode_flag_is_a_hidden_alias_of_low_res_mode(capsys):
+    import train_teacher
+    assert train_teacher.parse_args(["--lr-mode", "antialias"]).low_res_mode == "antialias"
+    assert train_teacher.parse_args([]).low_res_mode == "nearest"  # the preset's
+    with pytest.raises(SystemExit):
+        train_teacher.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--low-res-mode" in help_text and "--lr-mode" not in help_text
+
+
 def test_missing_data_root_is_an_error_not_generated_data(tmp_path, monkeypatch):
     import evaluate
     import train_teacher
@@ -271,8 +295,9 @@ def test_a_run_stopped_by_ctrl_c_exits_130_with_the_resume_hint_last(tmp_path, c
     args = argparse.Namespace(output_dir=str(tmp_path), no_eval=False, iters=10)
     info = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     result = {"iterations": 4, "start_iteration": 0, "final_loss": 1.0, "stopped": True, "signal": "SIGINT"}
+    assert runner.final_evaluation(args, info, None, result) == {}  # no evaluation of a stopped run
     with pytest.raises(SystemExit) as e:
-        runner.finish(args, info, None, result, {"kind": "teacher"})
+        runner.finish(args, info, result, {"kind": "teacher"})
     assert e.value.code == 130
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["stopped"] is True

@@ -1,12 +1,14 @@
 """msad.synthetic: deterministic, COCO-format, loadable, varied; regenerated when its parameters change."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from msad import synthetic
-from msad.data import CocoDetection, coco_paths
+from msad.cli import data_paths
+from msad.data import CocoDetection
 from msad.synthetic import CATEGORIES, ensure_synthetic
 
 SMALL = dict(num_train=12, num_val=4, seed=0)
@@ -30,9 +32,14 @@ def test_deterministic_and_independent_of_workers(small, tmp_path):
     assert different["annotations/instances_train2017.json"] != a["annotations/instances_train2017.json"]
 
 
+def split_paths(root, split: str):
+    """The scripts' paths of a split under --data-root (no overrides)."""
+    return data_paths(SimpleNamespace(data_root=str(root), **{f"{split}_ann": None, f"{split}_images": None}), split)
+
+
 def test_loads_through_coco_detection(small):
     for split, train, count in (("train", True, 12), ("val", False, 4)):
-        ds = CocoDetection(*coco_paths(small, split), train=train, sizes=[256], max_size=512)
+        ds = CocoDetection(*split_paths(small, split), train=train, sizes=[256], max_size=512)
         assert len(ds) == count and ds.num_classes == len(CATEGORIES)
         assert ds.class_names == [name for _, name, _ in sorted(CATEGORIES)]  # labels follow sorted ids
         image, target = ds[0]
@@ -40,7 +47,7 @@ def test_loads_through_coco_detection(small):
 
 
 def test_content_is_varied_coco(small):
-    data = json.loads(Path(coco_paths(small, "train")[0]).read_text())
+    data = json.loads(Path(split_paths(small, "train")[0]).read_text())
     anns, images = data["annotations"], {i["id"]: i for i in data["images"]}
     boxes = np.array([a["bbox"] for a in anns])  # N x 4, xywh
     sides = boxes[:, 2:].max(1)
