@@ -76,6 +76,8 @@ def main(argv=None):
         teacher, _ = load_teacher(args.teacher, info.device)  # frozen, eval mode, outside DDP
         if args.init == "teacher":
             load_partial(student, teacher.state_dict(), args.teacher)
+        if args.kd_weight <= 0:
+            teacher = None  # needed only to initialise the student: not kept (in memory) for the training
     if args.init == "imagenet":
         init_backbone(student, args.backbone_weights)
     student = runner.prepare_model(student, args, info)
@@ -86,7 +88,7 @@ def main(argv=None):
     adapters = build_adapters(args.fpn_channels, teacher_args["fpn_channels"]) if args.kd_weight > 0 else None
     adapters = adapters.to(info.device) if adapters is not None else None
     probe = StudentProbe(probe_iterations(args.iters), os.path.join(args.output_dir, LOG))
-    distilled = DistilledStudent(student, kd, teacher if args.kd_weight > 0 else None, adapters, probe)
+    distilled = DistilledStudent(student, kd, teacher, adapters, probe)
     model_ddp = runner.ddp(distilled, info)
 
     # optimizer and lr schedule: the student's and the adapters' parameters

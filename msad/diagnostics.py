@@ -1,4 +1,4 @@
-"""Diagnostics of distillation (issue: is the teacher worth distilling from, and does the KD term act?).
+"""Diagnostics of distillation (MSAD Sec. 3.3-3.4): is the teacher worth distilling from, and does the KD term act?
 
 * `CFFWeights`: the C-FF fusion weights (a_H, a_L) of a teacher (Sec. 3.3), averaged per level position
   over every image it sees, through a forward hook on the gate (nothing in the model changes).

@@ -32,9 +32,10 @@ def start(args, training: bool = True, needs_data: bool = True) -> dist.DistInfo
     """
     if training:
         args.batch_per_process = dist.check_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
-        outdir.check_output_dir(args.output_dir, args.resume, args.overwrite)
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", 0)) == 0:  # checks, then creates, test-writes and locks the folder
             outdir.claim_output_dir(args.output_dir, args.resume, args.overwrite)
+        else:  # read-only: the same refusal on every rank
+            outdir.check_output_dir(args.output_dir, args.resume, args.overwrite)
     info = dist.init_distributed(args.device)
     if training and info.is_main:  # the resolved configuration: printed, and kept beside the run
         print("config: " + json.dumps(plain_args(args), sort_keys=True), flush=True)
