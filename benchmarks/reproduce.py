@@ -21,7 +21,7 @@ repeats the teacher, its two outputs, kd_scratch, student and student_nokd). Row
 are trained once per seed.
 Every training run uses the demo preset with lr steps at 75% and 92.5% of its own budget.
 
-    python benchmarks/reproduce.py               # 3 seeds, teachers 1600 and 400 (estimated 2.5 h on 2 CPU cores)
+    python benchmarks/reproduce.py               # 3 seeds, teachers 1200 and 400: one training at a time on CPU
     python benchmarks/reproduce.py --seeds 0 --teacher-iters 400 --iters 200     # the quick variant
     python benchmarks/reproduce.py --resume-table                          # after a failure: skip finished rows
     python benchmarks/reproduce.py --device cuda --parallel 14             # a GPU machine: 4 to 5 min on an H200
@@ -167,7 +167,7 @@ def execute(args, table: Table):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every row is trained once per seed")
-    p.add_argument("--teacher-iters", default="1600,400",
+    p.add_argument("--teacher-iters", default="1200,400",
                    help="teacher budgets; the first is the main table, the others repeat the teacher and students")
     p.add_argument("--iters", type=int, default=400, help="budget of every other training run (students, FCOS)")
     p.add_argument("--hr-sizes", default="224,240,256", help="HR training short sides; the last is the HR test size")
