@@ -4,7 +4,9 @@ The tuning split is generated with another seed than the demo data (`--data`, de
 seed 1), so no constant is chosen on the demo's validation images. For each teacher budget, C-FF hidden
 width and seed, it trains a teacher, evaluates its fused output (with the C-FF weights) and its LR branch,
 then trains students from the teacher's weights and from scratch, without distillation and with each
-distillation setting. Runs go through the scripts as a user runs them; `--parallel` runs several at once
+distillation setting. `--students` adds light students (lightFxH: FPN width F, H head convs, from scratch),
+trained without distillation and with the first setting, next to the naive LR detector (fcos_lr) they are
+measured against. Runs go through the scripts as a user runs them; `--parallel` runs several at once
 (meant for a GPU machine: on 2 CPU cores use 1). Each finished run is added to `--out` at once, so a run
 cut short keeps what finished.
 
@@ -30,7 +32,20 @@ KD = {
     "w20": ["--kd-weight", 20, "--kd-warmup", 100],
     "lv1": ["--kd-weight", 1, "--kd-warmup", 100, "--kd-norm", "level"],
     "l2w2": ["--kd-weight", 2, "--kd-warmup", 100, "--kd-loss", "l2"],
+    "w0.2": ["--kd-weight", 0.2, "--kd-warmup", 100],
+    "l2w0.2": ["--kd-weight", 0.2, "--kd-warmup", 100, "--kd-loss", "l2"],
 }
+
+
+def student_flags(name: str) -> list:
+    """Student variants: "teacher" / "scratch" (the init), or "lightFxH": FPN width F, H head convs, from scratch,
+    with the gradient clipping the light rows of reproduce.py use."""
+    if name in ("teacher", "scratch"):
+        return ["--init", name]
+    if name.startswith("light") and "x" in name:
+        f, h = name[5:].split("x")
+        return ["--init", "scratch", "--fpn-channels", int(f), "--head-convs", int(h), "--clip-grad", 5]
+    raise SystemExit(f"error: --students: unknown variant {name!r}; use teacher, scratch or lightFxH (light16x1)")
 KEEP = ("AP", "AP50", "APs", "APm", "APl", "cff_weights", "diagnostics", "time_s", "iterations")
 
 
@@ -102,20 +117,29 @@ class Sweep:
                                 "--output-dir", runs(t + "_lr")])]))
         student = lambda seed: ["train_student.py", *common, "--seed", seed, "--iters", a.student_iters,
                                 "--steps", steps(a.student_iters)]
+        half = [s // 2 for s in a.hr_sizes]
+        for seed in a.seeds:  # the naive LR detector, the baseline of the light students (fcos_lr in the table)
+            jobs.append((f"fcos_lr_s{seed}", [], [("train", [
+                "train_teacher.py", *common, "--seed", seed, "--iters", a.student_iters, "--steps",
+                steps(a.student_iters), "--mode", "single", "--train-sizes", ",".join(map(str, half)),
+                "--test-size", half[-1], "--max-size", a.max_size // 2, "--output-dir", runs(f"fcos_lr_s{seed}")])]))
         for kd in ["nokd", *a.kd]:
             for seed in a.seeds:
                 for t_iters in a.teacher_iters:
                     for hidden in a.cff_hidden:
                         t = f"t{t_iters}_h{hidden}_s{seed}"
                         flags = ["--kd-weight", 0] if kd == "nokd" else KD[kd]
-                        for init in a.init:
-                            if kd == "nokd" and init == "scratch" and (t_iters, hidden) != (a.teacher_iters[0],
-                                                                                           a.cff_hidden[0]):
-                                continue  # shift_scratch does not depend on the teacher: once per seed
-                            name = f"{t}_{init}_{kd}"
-                            jobs.append((name, [t], [("train", [*student(seed), "--init", init, *flags, "--teacher",
-                                                                os.path.join(runs(t), "model_final.pth"),
-                                                                "--output-dir", runs(name)])]))
+                        for variant in a.students:
+                            scratch = "scratch" in student_flags(variant)
+                            if kd == "nokd" and scratch and (t_iters, hidden) != (a.teacher_iters[0], a.cff_hidden[0]):
+                                continue  # a student from scratch without a teacher: once per seed
+                            if variant.startswith("light") and kd not in ("nokd", a.kd[0]):
+                                continue  # light students: without distillation and with the first setting only
+                            name = f"{t}_{variant}_{kd}"
+                            needs_teacher = not (kd == "nokd" and scratch)  # else it can run while teachers train
+                            teacher = ["--teacher", os.path.join(runs(t), "model_final.pth")] if needs_teacher else []
+                            jobs.append((name, [t] if needs_teacher else [], [("train", [
+                                *student(seed), *student_flags(variant), *flags, *teacher, "--output-dir", runs(name)])]))
         return jobs
 
     def start(self):
@@ -138,14 +162,20 @@ def main(argv=None):
     p.add_argument("--cff-hidden", default="16,0", help="C-FF hidden widths (0: FPN width / 8)")
     p.add_argument("--student-iters", type=int, default=400)
     p.add_argument("--kd", default=",".join(KD), help=f"distillation settings among {list(KD)}")
-    p.add_argument("--init", default="teacher,scratch")
+    p.add_argument("--students", default="teacher,scratch",
+                   help="student variants: teacher (init), scratch, lightFxH (FPN F, H head convs, from scratch; "
+                        "trained without distillation and with the first --kd setting only)")
+    p.add_argument("--hr-sizes", default="224,240,256", help="the demo preset's HR sizes (the LR baseline halves them)")
+    p.add_argument("--max-size", type=int, default=400)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--deadline-s", type=float, default=1e9, help="start no run after this many seconds")
     add_run_args(p, os.path.join(ROOT, "runs", "tune"), os.path.join(ROOT, "runs", "tune", "sweep.json"))
     args = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",")]
     args.teacher_iters, args.cff_hidden, args.seeds = ints(args.teacher_iters), ints(args.cff_hidden), ints(args.seeds)
-    args.kd, args.init = args.kd.split(","), args.init.split(",")
+    args.kd, args.students, args.hr_sizes = args.kd.split(","), args.students.split(","), ints(args.hr_sizes)
+    for name in args.students:
+        student_flags(name)  # an unknown variant fails here, before any run
     args.logs = os.path.join(args.runs, "logs")
     os.makedirs(args.logs, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
