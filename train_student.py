@@ -17,9 +17,9 @@ import os
 
 from msad import engine, runner
 from msad.checkpoint import load_checkpoint
-from msad.cli import model_config, resolve, run_script, show_preset_values, training_parser
+from msad.cli import model_config, preset_value, resolve, run_script, show_preset_values, training_parser
 from msad.diagnostics import StudentProbe, probe_iterations
-from msad.distill import DISTANCES, KD_WEIGHT, NORMALIZE, FeatureDistillation, build_adapters
+from msad.distill import DISTANCES, NORMALIZE, FeatureDistillation, build_adapters
 from msad.engine import LOG
 from msad.models import DistilledStudent, build_model, init_backbone, load_partial, load_teacher
 
@@ -31,8 +31,8 @@ def parse_args(argv=None):
     p = training_parser(__doc__, default_output="runs/student")
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default="runs/teacher/model_final.pth", help="teacher checkpoint (kind teacher)")
-    g.add_argument("--kd-weight", type=float, default=KD_WEIGHT,
-                   help="alpha * T (0.2 x 3, released); 0 trains without KD")
+    g.add_argument("--kd-weight", type=float,
+                   help="weight of the distillation loss: alpha * T = 0.2 x 3 in the released code; 0 trains without KD")
     g.add_argument("--kd-warmup", type=int, help="iterations of the linear KD warm-up (the preset's; 500 on COCO)")
     g.add_argument("--kd-loss", choices=sorted(DISTANCES), default="l1", help="feature distance")
     g.add_argument("--kd-norm", choices=NORMALIZE, default="none",
@@ -54,6 +54,7 @@ def check_init(args, teacher_args: dict) -> None:
 def main(argv=None):
     args = parse_args(argv)
     teacher_args = None  # the teacher is needed to start from it (--init teacher) and to distil from it
+    args.kd_weight = preset_value(args, "kd_weight", "student")
     if args.init == "teacher" or args.kd_weight > 0:
         teacher_args = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")["args"]
         for key in ARCH_KEYS:  # the student's architecture defaults to the teacher's

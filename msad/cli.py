@@ -17,7 +17,7 @@ import torch
 from .align import LR_MODES
 from .checkpoint import DiskFullError
 from .engine import AMP_DTYPES
-from .distill import KD_WARMUP
+from .distill import KD_WARMUP, KD_WEIGHT
 from .models import ModelConfig
 
 COCO_SIZES = tuple(range(640, 801, 32))  # MSAD Sec. 3.2 / released code: short side drawn from {640, 672, ..., 800}
@@ -32,7 +32,8 @@ PRESETS = {
         # Released MSAD teachers: batch 8, lr 0.01, 180k iterations, steps at 120k and 160k.
         "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
         # Students (and the 1x FCOS baselines): batch 16, lr 0.01, 90k iterations, steps at 60k and 80k.
-        "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000), kd_warmup=KD_WARMUP),
+        "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000), kd_weight=KD_WEIGHT,
+                        kd_warmup=KD_WARMUP),
     },
     # The built-in demo: a narrow ResNet-18 with GroupNorm trained from scratch on data/synthetic, on CPU.
     "demo": {
@@ -41,7 +42,8 @@ PRESETS = {
                        backbone_weights=None, warmup_iters=100, p6_from="c5", low_res_mode="nearest",
                        checkpoint_period=100, eval_batch_size=16, workers=1, cff_hidden=16),
         "teacher": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370)),
-        "student": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370), kd_warmup=100),
+        # Distillation weight 2 and warm-up 100: chosen on a tuning split (see README, Deviations).
+        "student": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370), kd_weight=2.0, kd_warmup=100),
     },
 }
 _PRESET_STAGE = {"teacher": "teacher", "student": "student", "fcos": "student"}
@@ -128,6 +130,12 @@ def show_preset_values(p: argparse.ArgumentParser, stage: str | None) -> argpars
     return p
 
 
+def preset_value(args: argparse.Namespace, key: str, stage: str):
+    """The flag's value, or the preset's where it is unset (for the few flags needed before `resolve`)."""
+    value = getattr(args, key, None)
+    return PRESETS[args.preset][_PRESET_STAGE[stage]][key] if value is None else value
+
+
 def resolve(args: argparse.Namespace, stage: str | None) -> argparse.Namespace:
     """Fill every unset flag from the preset (its common part, plus the training `stage`'s: teacher, student or
     fcos; None for evaluation), then check the values that must hold before any work starts."""
@@ -151,7 +159,7 @@ def resolve(args: argparse.Namespace, stage: str | None) -> argparse.Namespace:
 _MINIMUM = {"iters": (1, "training iterations"), "batch_size": (1, "images"), "eval_batch_size": (1, "images"),
             "workers": (0, "worker processes"), "max_images": (1, "images"), "fpn_channels": (1, "channels"),
             "head_convs": (0, "convolutions per tower"), "checkpoint_period": (1, "iterations"), "log_period": (1, "iterations"),
-            "warmup_iters": (0, "iterations"), "kd_warmup": (0, "iterations"), "vis_count": (0, "images")}
+            "warmup_iters": (0, "iterations"), "kd_warmup": (0, "iterations"), "kd_weight": (0, "0 trains without KD"), "vis_count": (0, "images")}
 _POSITIVE = ("lr", "width", "clip_grad")  # finite and > 0
 
 

@@ -22,7 +22,7 @@ DISTANCES = {
     "l2": lambda s, t: F.mse_loss(s, t),
 }
 NORMALIZE = ("none", "level")
-KD_WEIGHT = 0.2 * 3  # alpha * T of the released code
+KD_WEIGHT = 0.6  # alpha * T = 0.2 x 3 in the released code
 KD_WARMUP = 500  # iterations of the linear warm-up w(t), released code (the demo preset scales it)
 
 

@@ -1,11 +1,13 @@
 """The three scripts end to end, as a user runs them, on a tiny slice of the demo data (issue: quick start),
 and the one-line errors for bad arguments before any work starts (issue: reliability)."""
+import argparse
 import json
 import math
 
 import pytest
 import torch
 
+from msad.cli import resolve
 from msad.synthetic import ensure_synthetic
 from scripts_common import TINY, data_flags, last_json, read_jsonl, run
 
@@ -44,6 +46,7 @@ def test_each_run_keeps_its_resolved_configuration_in_config_json(demo):
     config = json.loads((demo["tmp"] / "student" / "config.json").read_text())
     # a flag, a preset value, a value taken from the teacher, a derived one
     assert config["kd_warmup"] == 2 and config["lr"] == 0.02 and config["head_convs"] == 1
+    assert config["kd_weight"] == 2.0  # the demo preset's distillation weight (coco: the released 0.6)
     assert config["batch_per_process"] == 2
     saved = torch.load(demo["tmp"] / "student" / "model_final.pth", weights_only=True)["args"]
     assert all(saved[k] == v for k, v in config.items())  # what the checkpoint was trained with
@@ -302,3 +305,13 @@ def test_a_run_stopped_by_ctrl_c_exits_130_with_the_resume_hint_last(tmp_path, c
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["stopped"] is True
     assert "SIGINT" in err.strip().splitlines()[-1] and "--resume" in err.strip().splitlines()[-1]
+
+
+def test_distillation_weight_comes_from_the_preset_and_is_never_negative():
+    from msad.cli import PRESETS, preset_value
+    from msad.distill import KD_WEIGHT
+    assert PRESETS["coco"]["student"]["kd_weight"] == KD_WEIGHT == pytest.approx(0.2 * 3)  # alpha * T, released
+    assert preset_value(argparse.Namespace(preset="demo", kd_weight=None), "kd_weight", "student") == 2.0
+    assert preset_value(argparse.Namespace(preset="coco", kd_weight=0.0), "kd_weight", "student") == 0.0
+    with pytest.raises(SystemExit, match="--kd-weight -1.0: must be at least 0"):
+        resolve(argparse.Namespace(preset="demo", kd_weight=-1.0, device="cpu", amp=None), "student")
