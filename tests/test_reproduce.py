@@ -52,3 +52,25 @@ def test_a_failed_run_is_named_and_resume_table_skips_finished_rows(tmp_path, da
     table = json.loads((tmp_path / "table.json").read_text())
     assert table["runs"] == done  # the finished row is kept
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 runs failed")
+
+
+def test_demo_cost_counts_every_model_as_evaluation_does(tmp_path, data):
+    """benchmarks/demo_cost.py: GFLOPs per image over the val set, relative to the naive LR detector."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import demo_cost
+    demo_cost.main(["--data", data, "--light", "16x0,32x1", "--out", str(tmp_path / "cost")])
+    rows = json.loads((tmp_path / "cost.json").read_text())["rows"]
+    assert rows["naive_lr_fcos"]["vs_naive_lr"] == 1.0
+    assert rows["hr_fcos"]["gflops"] > 2 * rows["naive_lr_fcos"]["gflops"]  # 4x the pixels (padding aside)
+    assert rows["f16h0"]["gflops"] < rows["f32h1"]["gflops"] < rows["student"]["gflops"]  # FPN 32, 2 head convs
+    assert rows["f16h0"]["params_m"] < rows["student"]["params_m"]
+
+
+def test_sweep_student_variants_map_to_training_flags():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from tune_distillation import student_flags
+    assert student_flags("teacher") == ["--init", "teacher"]
+    assert student_flags("light28x1") == ["--init", "scratch", "--fpn-channels", 28, "--head-convs", 1,
+                                          "--clip-grad", 5]
+    with pytest.raises(SystemExit, match="unknown variant 'thin'"):
+        student_flags("thin")
