@@ -21,10 +21,10 @@ repeats the teacher, its two outputs, kd_scratch, student and student_nokd). Row
 are trained once per seed.
 Every training run uses the demo preset with lr steps at 75% and 92.5% of its own budget.
 
-    python benchmarks/reproduce.py               # 3 seeds, teachers 1200 and 400: one training at a time on CPU
+    python benchmarks/reproduce.py               # 3 seeds, teachers 1200 and 400: 97 min on a 2-core CPU VM
     python benchmarks/reproduce.py --seeds 0 --teacher-iters 400 --iters 200     # the quick variant
     python benchmarks/reproduce.py --resume-table                          # after a failure: skip finished rows
-    python benchmarks/reproduce.py --device cuda --parallel 14             # a GPU machine: 4 to 5 min on an H200
+    python benchmarks/reproduce.py --device cuda --parallel 14             # a GPU machine: 4 min on an H200
 
 Each finished row is written to benchmarks/results/reproduce.{json,md} at once; a failed row is named
 (row, seed, log file) and the others go on. Runs go through train_teacher.py, train_student.py and
