@@ -32,7 +32,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default="runs/teacher/model_final.pth", help="teacher checkpoint (kind teacher)")
     g.add_argument("--kd-weight", type=float,
-                   help="weight of the distillation loss: alpha * T = 0.2 x 3 in the released code; 0 trains without KD")
+                   help="distillation weight: alpha * T = 0.2 x 3 in the released code; 0 trains without KD")
     g.add_argument("--kd-warmup", type=int, help="iterations of the linear KD warm-up (the preset's; 500 on COCO)")
     g.add_argument("--kd-loss", choices=sorted(DISTANCES), default="l1", help="feature distance")
     g.add_argument("--kd-norm", choices=NORMALIZE, default="none",

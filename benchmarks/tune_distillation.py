@@ -22,6 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reproduce import ROOT, add_run_args, steps  # noqa: E402  (the lr steps scaled to a budget, as in the table)
+sys.path.insert(0, ROOT)
+from msad.cli import PRESETS  # noqa: E402
 
 # name -> train_student.py flags; "w" weight, "wu" warm-up, l1/l2 distance, "lv" per-level normalisation
 KD = {
@@ -117,12 +119,14 @@ class Sweep:
                                 "--output-dir", runs(t + "_lr")])]))
         student = lambda seed: ["train_student.py", *common, "--seed", seed, "--iters", a.student_iters,
                                 "--steps", steps(a.student_iters)]
-        half = [s // 2 for s in a.hr_sizes]
+        demo = PRESETS["demo"]["common"]  # the teachers' sizes; the naive LR detector gets their halves
+        half = ",".join(str(s // 2) for s in demo["train_sizes"])
         for seed in a.seeds:  # the naive LR detector, the baseline of the light students (fcos_lr in the table)
             jobs.append((f"fcos_lr_s{seed}", [], [("train", [
                 "train_teacher.py", *common, "--seed", seed, "--iters", a.student_iters, "--steps",
-                steps(a.student_iters), "--mode", "single", "--train-sizes", ",".join(map(str, half)),
-                "--test-size", half[-1], "--max-size", a.max_size // 2, "--output-dir", runs(f"fcos_lr_s{seed}")])]))
+                steps(a.student_iters), "--mode", "single", "--train-sizes", half, "--test-size",
+                demo["test_size"] // 2, "--max-size", demo["max_size"] // 2,
+                "--output-dir", runs(f"fcos_lr_s{seed}")])]))
         for kd in ["nokd", *a.kd]:
             for seed in a.seeds:
                 for t_iters in a.teacher_iters:
@@ -138,8 +142,9 @@ class Sweep:
                             name = f"{t}_{variant}_{kd}"
                             needs_teacher = not (kd == "nokd" and scratch)  # else it can run while teachers train
                             teacher = ["--teacher", os.path.join(runs(t), "model_final.pth")] if needs_teacher else []
-                            jobs.append((name, [t] if needs_teacher else [], [("train", [
-                                *student(seed), *student_flags(variant), *flags, *teacher, "--output-dir", runs(name)])]))
+                            cmd = [*student(seed), *student_flags(variant), *flags, *teacher,
+                                   "--output-dir", runs(name)]
+                            jobs.append((name, [t] if needs_teacher else [], [("train", cmd)]))
         return jobs
 
     def start(self):
@@ -165,15 +170,13 @@ def main(argv=None):
     p.add_argument("--students", default="teacher,scratch",
                    help="student variants: teacher (init), scratch, lightFxH (FPN F, H head convs, from scratch; "
                         "trained without distillation and with the first --kd setting only)")
-    p.add_argument("--hr-sizes", default="224,240,256", help="the demo preset's HR sizes (the LR baseline halves them)")
-    p.add_argument("--max-size", type=int, default=400)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--deadline-s", type=float, default=1e9, help="start no run after this many seconds")
     add_run_args(p, os.path.join(ROOT, "runs", "tune"), os.path.join(ROOT, "runs", "tune", "sweep.json"))
     args = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",")]
     args.teacher_iters, args.cff_hidden, args.seeds = ints(args.teacher_iters), ints(args.cff_hidden), ints(args.seeds)
-    args.kd, args.students, args.hr_sizes = args.kd.split(","), args.students.split(","), ints(args.hr_sizes)
+    args.kd, args.students = args.kd.split(","), args.students.split(",")
     for name in args.students:
         student_flags(name)  # an unknown variant fails here, before any run
     args.logs = os.path.join(args.runs, "logs")

@@ -159,7 +159,8 @@ def resolve(args: argparse.Namespace, stage: str | None) -> argparse.Namespace:
 _MINIMUM = {"iters": (1, "training iterations"), "batch_size": (1, "images"), "eval_batch_size": (1, "images"),
             "workers": (0, "worker processes"), "max_images": (1, "images"), "fpn_channels": (1, "channels"),
             "head_convs": (0, "convolutions per tower"), "checkpoint_period": (1, "iterations"), "log_period": (1, "iterations"),
-            "warmup_iters": (0, "iterations"), "kd_warmup": (0, "iterations"), "kd_weight": (0, "0 trains without KD"), "vis_count": (0, "images")}
+            "warmup_iters": (0, "iterations"), "kd_warmup": (0, "iterations"), "kd_weight": (0, "0 trains without KD"),
+            "vis_count": (0, "images")}
 _POSITIVE = ("lr", "width", "clip_grad")  # finite and > 0
 
 
