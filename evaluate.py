@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 8 evaluate.py --checkpoint ...              # sharded, merged on rank 0
     python evaluate.py --detections dets.json --val-ann data/coco/annotations/instances_val2017.json
     python evaluate.py --images my_photos --vis runs/eval/vis    # no annotations: detections.json + pictures
+    python evaluate.py --checkpoint runs/student/student.pt2      # a program of python -m msad.export
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ from msad.samplers import build_eval_loader
 from msad.diagnostics import CFFWeights
 from msad.checkpoint import load_checkpoint, write_json_atomic
 from msad.engine import AMP_DTYPES
+from msad.export import load_exported
 from msad.evaluation import check_results, coco_evaluate, detect_images, load_results
 from msad.models import checkpoint_categories, model_from_checkpoint
 
@@ -32,7 +34,8 @@ def parse_args(argv=None):
     add_data_args(p)
     p.set_defaults(preset=None)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a model_final.pth or checkpoint.pth")
+    g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="a model_final.pth or checkpoint.pth, or a .pt2 program of python -m msad.export")
     g.add_argument("--branch", choices=("fused", "hr", "lr"), help="teacher branch (default fused)")
     g.add_argument("--detections", help="evaluate this COCO results json against --val-ann instead of a model")
     g.add_argument("--output-dir", default="runs/eval", help="detections.json, metrics.json, visualisations")
@@ -91,15 +94,20 @@ def main(argv=None):
         write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
         return metrics
-    ckpt = load_checkpoint(args.checkpoint, made_by="python train_student.py" if args.checkpoint == DEFAULT_CHECKPOINT
-                           else "train_teacher.py or train_student.py")
+    exported = args.checkpoint.endswith(".pt2")
+    if exported:
+        program, ckpt = load_exported(args.checkpoint)
+    else:
+        ckpt = load_checkpoint(args.checkpoint, made_by="python train_student.py" if args.checkpoint ==
+                               DEFAULT_CHECKPOINT else "train_teacher.py or train_student.py")
     for key in DATA_KEYS:  # evaluate on the data the model was trained for unless told otherwise
         if getattr(args, key) is None and ckpt["args"].get(key) is not None:
             setattr(args, key, ckpt["args"][key])
     args.preset = args.preset or "demo"
     args = resolve(args, None)  # the preset's data and evaluation settings; no training stage
     info = runner.start(args, training=False, needs_data=not args.images)
-    model = model_from_checkpoint(ckpt, args.checkpoint, args.branch).to(info.device)
+    model = program.to_device(info.device, args.branch) if exported else \
+        model_from_checkpoint(ckpt, args.checkpoint, args.branch).to(info.device)
     if args.images:
         metrics = detect_folder(args, info, model, ckpt)
         cff_weights = None

@@ -34,7 +34,10 @@ def norm_layer(norm: str):
 class ResNetTrunk(nn.Module):
     """torchvision-compatible ResNet without avgpool/fc; forward returns [C2, C3, C4, C5] (strides 4..32)."""
 
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn", width: float = 1.0, freeze_at: int = 0):
+    def __init__(self, depth: int = 50, norm: str = "frozen_bn", width: float = 1.0, freeze_at: int = 0,
+                 stride_in_1x1: bool = False):
+        """stride_in_1x1: put a downsampling Bottleneck's stride in its first 1x1 conv, as the MSRA ResNets of
+        detectron2 and AdelaiDet do (torchvision, and the slimmable ResNets, put it in the 3x3 conv)."""
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"--backbone resnet{depth} is not supported; choose from {sorted(DEPTHS)}")
@@ -51,6 +54,11 @@ class ResNetTrunk(nn.Module):
         self.layer3 = self._make_layer(block, base * 4, layers[2], 2)
         self.layer4 = self._make_layer(block, base * 8, layers[3], 2)
         self.out_channels = [base * m * block.expansion for m in (1, 2, 4, 8)]  # C2..C5
+        if stride_in_1x1:
+            if block is not Bottleneck:
+                raise ValueError(f"stride_in_1x1 needs a Bottleneck ResNet (50 or deeper), not resnet{depth}")
+            for layer in (self.layer2, self.layer3, self.layer4):
+                layer[0].conv1.stride, layer[0].conv2.stride = layer[0].conv2.stride, (1, 1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # torchvision's ResNet init
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -36,7 +36,7 @@ def _is_disk_full(e: BaseException | None) -> bool:
     return False
 
 
-def _write_atomic(path, write) -> None:
+def write_atomic(path, write) -> None:
     """Write through `write(file)` to a hidden temp file beside `path`, fsync it, then rename over `path`.
 
     os.replace is atomic on POSIX, so readers (and a resume after SIGKILL) see the old file or the
@@ -67,12 +67,12 @@ def _write_atomic(path, write) -> None:
 
 def save_atomic(obj, path) -> None:
     """torch.save(obj, path), atomically."""
-    _write_atomic(path, lambda f: torch.save(obj, f))
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_json_atomic(obj, path) -> None:
     """json.dump(obj, path), atomically (metrics.json and friends)."""
-    _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def load_checkpoint(path, expected_kind: str | None = None, made_by: str | None = None) -> dict:

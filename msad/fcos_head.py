@@ -1,4 +1,4 @@
-"""The shared FCOS head (Tian et al. 2019, the "improved" AdelaiDet variant) and its decoding.
+"""The shared FCOS head (Tian et al. 2019, the "improved" AdelaiDet variant); its decoding is msad/decode.py.
 
 One head serves every pyramid of MSAD: the teacher's HR P3..P7, its LR P2..P6, the fused pyramid,
 and the student's P2..P6 (MSAD Sec. 3.2: the head and its per-level Scales are shared by *position*,
@@ -8,7 +8,6 @@ import math
 
 import torch
 from torch import nn
-from torchvision.ops import batched_nms
 
 from .backbone import gn_groups
 
@@ -79,67 +78,3 @@ class FCOSHead(nn.Module):
             ctr.append(self.ctr_pred(b).flatten(2))  # B x 1 x h*w
         cat = lambda xs: torch.cat(xs, dim=2).transpose(1, 2)  # B x L x ch
         return cat(cls), cat(box), cat(ctr).squeeze(2)
-
-
-def make_points(shapes, strides, device):
-    """Location centres (j*s + s//2, i*s + s//2) of every level: points [L, 2] (x, y) and stride [L]."""
-    points, point_strides = [], []
-    for (h, w), s in zip(shapes, strides):
-        ys = torch.arange(h, device=device, dtype=torch.float32) * s + s // 2
-        xs = torch.arange(w, device=device, dtype=torch.float32) * s + s // 2
-        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack([xx.flatten(), yy.flatten()], dim=1))  # h*w x 2
-        point_strides.append(torch.full((h * w,), float(s), device=device))
-    return torch.cat(points), torch.cat(point_strides)
-
-
-def level_slices(shapes):
-    """Start/end of each level inside the flattened location axis."""
-    bounds = [0]
-    for h, w in shapes:
-        bounds.append(bounds[-1] + h * w)
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-@torch.no_grad()
-def decode(cls, box, ctr, points, strides, shapes, image_sizes, orig_sizes,
-           score_thresh=0.05, pre_nms_top_n=1000, nms_thresh=0.6, max_dets=100):
-    """FCOS inference (FCOS Sec. 3, released thresholds), batched over images and vectorised over locations.
-
-    Per level: keep sigmoid(cls) > score_thresh, top `pre_nms_top_n` by cls * ctr; score = sqrt(cls * ctr);
-    clip to the resized image and drop the boxes that clipping leaves with zero width or height (from
-    locations in the padding, as detectron2's `nonempty` filter does), then class-wise NMS over all levels
-    (one batched_nms call for the whole batch), top `max_dets`, rescale to the original size. Returns one
-    dict per image with boxes [n, 4] (x0, y0, x1, y1 in original pixels), scores [n], labels [n] (contiguous).
-    """
-    B, _, K = cls.shape
-    prob = torch.sigmoid(cls.float())
-    joint = prob * torch.sigmoid(ctr.float())[..., None]  # B x L x K
-    img_idx, loc_idx, lab_idx, scores = [], [], [], []
-    for start, end in level_slices(shapes):
-        p, j = prob[:, start:end].flatten(1), joint[:, start:end].flatten(1)  # B x (n*K)
-        j = torch.where(p > score_thresh, j, torch.full_like(j, -1.0))
-        top, idx = j.topk(min(pre_nms_top_n, j.shape[1]), dim=1)  # B x k
-        keep = top > 0
-        img_idx.append(torch.arange(B, device=cls.device)[:, None].expand_as(idx)[keep])
-        loc_idx.append(idx[keep] // K + start)
-        lab_idx.append(idx[keep] % K)
-        scores.append(top[keep].sqrt())
-    img_idx, loc_idx, labels, scores = (torch.cat(x) for x in (img_idx, loc_idx, lab_idx, scores))
-    ltrb = box[img_idx, loc_idx].float() * strides[loc_idx, None]  # n x 4, input pixels
-    xy = points[loc_idx]
-    boxes = torch.cat([xy - ltrb[:, :2], xy + ltrb[:, 2:]], dim=1)
-    # Clip to each resized image, then map to original pixels.
-    sizes = torch.tensor(image_sizes, device=cls.device, dtype=torch.float32)[img_idx]  # n x 2 (h, w)
-    ratio = torch.tensor([[w0 / w, h0 / h] for (h, w), (h0, w0) in zip(image_sizes, orig_sizes)],
-                         device=cls.device, dtype=torch.float32)[img_idx]  # n x 2 (x, y)
-    boxes = torch.minimum(boxes.clamp(min=0), sizes.flip(1).repeat(1, 2))
-    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # n
-    img_idx, labels, scores, boxes, ratio = (x[nonempty] for x in (img_idx, labels, scores, boxes, ratio))
-    boxes = boxes * ratio.repeat(1, 2)
-    keep = batched_nms(boxes, scores, img_idx * K + labels, nms_thresh)  # sorted by score
-    results = []
-    for b in range(B):
-        k = keep[img_idx[keep] == b][:max_dets]
-        results.append({"boxes": boxes[k], "scores": scores[k], "labels": labels[k]})
-    return results

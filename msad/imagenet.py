@@ -20,5 +20,6 @@ def _mean_std(device: torch.device):
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (or float 0..255) B x 3 x H x W -> float32 (x / 255 - mean) / std, on the images' device."""
-    mean, std = _mean_std(images.device)
+    # While torch.export traces, tensors are fake: made fresh (graph constants), never cached.
+    mean, std = _mean_std.__wrapped__(images.device) if torch.compiler.is_compiling() else _mean_std(images.device)
     return (images.float() - mean) / std

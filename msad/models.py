@@ -13,7 +13,8 @@ from . import align
 from .backbone import ResNetTrunk, load_imagenet_weights
 from .checkpoint import load_checkpoint
 from .imagenet import normalize
-from .fcos_head import FCOSHead, decode, make_points
+from .decode import RULES, decode, make_points
+from .fcos_head import FCOSHead
 from .fcos_loss import assign_targets, fcos_losses, level_ranges
 from .fpn import FPN
 from .fusion import CrossFeatureFusion
@@ -41,6 +42,10 @@ class ModelConfig:
     pre_nms_top_n: int = 1000
     nms_thresh: float = 0.6
     max_dets: int = 100
+    # Options for converted public weights (msad/convert.py); the defaults are ours and the released code's.
+    stride_in_1x1: bool = False  # MSRA ResNets (detectron2, AdelaiDet): the stride in the first 1x1 conv
+    center_offset: bool = True  # locations at (j*s + s//2, i*s + s//2); torchvision's FCOS uses (j*s, i*s)
+    decode_rule: str = "released"  # or "torchvision": threshold sqrt(cls * ctr), keep empty boxes (decode.py)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -64,7 +69,9 @@ class FCOS(nn.Module):
         super().__init__()
         self.cfg, self.input_scale = cfg, input_scale
         self.levels = align.branch_levels(input_scale)
-        self.backbone = ResNetTrunk(cfg.depth, cfg.norm, cfg.width, cfg.freeze_at)
+        if cfg.decode_rule not in RULES:
+            raise ValueError(f"decode_rule must be one of {RULES}, got {cfg.decode_rule!r}")
+        self.backbone = ResNetTrunk(cfg.depth, cfg.norm, cfg.width, cfg.freeze_at, cfg.stride_in_1x1)
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, fpn_levels or self.levels, cfg.p6_from)
         self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, cfg.head_convs, len(align.HR_LEVELS))
 
@@ -79,10 +86,14 @@ class FCOS(nn.Module):
         """This detector's pyramid on a normalised HR batch (halved first when input_scale is 0.5)."""
         return self.pyramid(self.low_res(x) if self.input_scale != 1.0 else x, self.levels)
 
+    def features(self, x: torch.Tensor) -> list:
+        """The pyramid that inference decodes, on a normalised HR batch (msad/export.py runs this too)."""
+        return self.branch_features(x)
+
     def geometry(self, feats):
         """HR-frame location grid of a pyramid: points [L, 2], strides [L], ranges [L, 2], shapes."""
         shapes = [tuple(f.shape[-2:]) for f in feats]
-        points, strides = make_points(shapes, align.hr_strides(), feats[0].device)
+        points, strides = make_points(shapes, align.hr_strides(), feats[0].device, self.cfg.center_offset)
         return points, strides, level_ranges(shapes, device=feats[0].device), shapes
 
     def targets(self, batch, geometry):
@@ -90,21 +101,26 @@ class FCOS(nn.Module):
         return assign_targets(points, strides, ranges, [t["boxes"] for t in batch.targets],
                               [t["labels"] for t in batch.targets], shapes=shapes)
 
+    def decode_options(self) -> dict:
+        c = self.cfg
+        return dict(score_thresh=c.score_thresh, pre_nms_top_n=c.pre_nms_top_n, nms_thresh=c.nms_thresh,
+                    max_dets=c.max_dets, rule=c.decode_rule)
+
     def detect(self, head_out, geometry, batch):
         points, strides, _, shapes = geometry
-        c = self.cfg
         return decode(*head_out, points, strides, shapes, batch.image_sizes, batch.orig_sizes,
-                      c.score_thresh, c.pre_nms_top_n, c.nms_thresh, c.max_dets)
+                      **self.decode_options())
 
     # -- the single-pyramid detector ---------------------------------------------------------------
     def forward(self, batch, iteration: int = 0, return_features: bool = False):
         """Training: dict of losses (and the pyramid if asked, for distillation). Eval: detections per image.
         Every training model is called as model(batch, iteration); only the student's distillation uses it."""
-        feats = self.branch_features(normalize(batch.images))
-        geometry = self.geometry(feats)
-        head_out = self.head(feats)
         if not self.training:
-            return self.detect(head_out, geometry, batch)
+            feats = self.features(normalize(batch.images))
+            return self.detect(self.head(feats), self.geometry(feats), batch)
+        feats = self.branch_features(normalize(batch.images))
+        head_out = self.head(feats)
+        geometry = self.geometry(feats)
         losses = fcos_losses(*head_out, self.targets(batch, geometry))
         return (losses, feats) if return_features else losses
 
@@ -132,17 +148,20 @@ class MultiScaleTeacher(FCOS):
         hr, _, fused = self.pyramids(normalize(batch.images))
         return fused if fused is not None else hr
 
+    def features(self, x: torch.Tensor) -> list:
+        """The inference pyramid of `self.branch`: one branch alone runs only its own pyramid."""
+        if self.branch == "lr":
+            return self.pyramid(self.low_res(x), align.branch_levels(0.5))
+        if self.branch == "hr":
+            return self.pyramid(x, align.branch_levels(1.0))
+        return self.pyramids(x)[2]
+
     def forward(self, batch, iteration: int = 0):
+        if not self.training:  # detections of self.branch (FCOS.forward, through self.features)
+            return super().forward(batch, iteration)
         x = normalize(batch.images)
-        if not self.training and self.branch != "fused":  # one branch alone: run only that pyramid
-            feats = self.pyramid(self.low_res(x), align.branch_levels(0.5)) if self.branch == "lr" \
-                else self.pyramid(x, align.branch_levels(1.0))
-            geometry = self.geometry(feats)
-            return self.detect(self.head(feats), geometry, batch)
         hr, lr, fused = self.pyramids(x)
         geometry = self.geometry(hr)
-        if not self.training:
-            return self.detect(self.head(fused), geometry, batch)
         branches = {"hr_": hr, "lr_": lr} | ({"fused_": fused} if fused is not None else {})
         # All branches have the same shapes, so the shared head runs once on their concatenation along the
         # batch (GroupNorm is per sample, so this equals three separate calls, with fewer kernel launches).

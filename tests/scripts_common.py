@@ -24,11 +24,13 @@ def free_port() -> int:
 
 
 def run(script, *args, nproc=1, timeout=240, env=None):
-    """Run `script` (under torchrun with gloo when nproc > 1); returns the CompletedProcess."""
+    """Run `script` (under torchrun with gloo when nproc > 1), or a module as `run("-m", "msad.export", ...)`;
+    returns the CompletedProcess."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                       str(nproc), "--master_port", str(free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MSAD_DIST_TIMEOUT": "60", **(env or {})}
-    return subprocess.run([*launcher, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+    target = [script] if script == "-m" else [os.path.join(ROOT, script)]
+    return subprocess.run([*launcher, *target, *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from msad import align
 from msad.imagenet import normalize
-from msad.fcos_head import make_points
+from msad.decode import make_points
 from msad.fcos_loss import SIZE_RANGES, assign_targets, level_ranges
 from msad.models import build_model
 

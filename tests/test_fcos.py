@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from msad import align
-from msad.fcos_head import decode, make_points
+from msad.decode import class_nms, decode, decode_image, make_points
 from msad.fcos_loss import Targets, assign_targets, assign_targets_dense, focal_loss_sum, giou_loss_ltrb, level_ranges
 from msad.models import ModelConfig, build_model
 
@@ -290,6 +290,38 @@ def test_decode_keeps_at_most_100_sorted_boxes_inside_the_original_image():
         assert (r["scores"][:-1] >= r["scores"][1:]).all()
         assert ((r["labels"] >= 0) & (r["labels"] < K)).all()
     assert results[0]["boxes"][:, 2].max() > 300  # rescaled up to the 600 px wide original, not left resized
+
+
+@pytest.mark.parametrize("n", [0, 1, 60, 3000])  # torchvision switches to a per-class loop above 1000 boxes
+def test_class_nms_is_torchvisions_class_wise_nms(n):
+    xy = torch.rand(n, 2) * 300
+    boxes = torch.cat([xy, xy + torch.rand(n, 2) * 80 + 1], dim=1)
+    scores, labels = torch.rand(n), torch.randint(0, 5, (n,))
+    assert torch.equal(class_nms(boxes, scores, labels, 5, 0.6), torchvision.ops.batched_nms(boxes, scores, labels, 0.6))
+
+
+def test_torchvision_rule_thresholds_the_joint_score_and_keeps_empty_boxes():
+    points, strides, _, shapes = hr_grid(256, 256)
+    L = len(points)
+    cls, box, ctr = torch.full((L, 2), -10.0), torch.ones(L, 4), torch.full((L,), -10.0)  # 8 px each side at P3
+    strong, weak, padding = loc(shapes, 0, 60, 60), loc(shapes, 0, 100, 60), loc(shapes, 0, 220, 60)
+    cls[strong, 0], ctr[strong] = 3.0, 3.0  # sqrt(0.95 * 0.95) = 0.95
+    cls[weak, 1], ctr[weak] = 3.0, -3.0  # cls 0.95 passes the released 0.05, sqrt(0.95 * 0.047) = 0.21 < 0.3
+    cls[padding, 1], ctr[padding] = 3.0, 3.0  # x 212..228, in the padding: clipped to zero width at x = 200
+    size = torch.tensor([200, 200])
+    _, _, labels = decode_image(cls, box, ctr, points, strides, shapes, size, score_thresh=0.3, rule="torchvision")
+    assert sorted(labels.tolist()) == [0, 1]  # the strong one and the empty box clipped to x = 200
+    _, _, labels = decode_image(cls, box, ctr, points, strides, shapes, size, score_thresh=0.3)
+    assert sorted(labels.tolist()) == [0, 1]  # released rule: the weak one passes, the empty box is dropped
+    boxes, _, _ = decode_image(cls, box, ctr, points, strides, shapes, size, score_thresh=0.3)
+    assert sorted(boxes[:, 0].tolist()) == [52, 92]
+
+
+def test_locations_without_the_half_stride_offset_are_torchvisions():
+    shapes = [(2, 3), (1, 2)]
+    points, strides = make_points(shapes, [8, 16], torch.device("cpu"), offset=False)
+    assert points.tolist() == [[0, 0], [8, 0], [16, 0], [0, 8], [8, 8], [16, 8], [0, 0], [16, 0]]
+    assert make_points(shapes, [8, 16], torch.device("cpu"))[0][0].tolist() == [4, 4]
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from msad import align
 from msad.checkpoint import load_checkpoint
 from msad.imagenet import normalize
-from msad.fcos_head import make_points
+from msad.decode import make_points
 from msad.fcos_loss import assign_targets, fcos_losses, level_ranges
 from msad.fusion import CrossFeatureFusion
 from msad.models import build_model, load_partial, model_from_checkpoint

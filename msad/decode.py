@@ -1,0 +1,110 @@
+"""FCOS inference: location grid, decoding, class-wise NMS and the map back to original pixels.
+
+Decoding follows the released code (FCOS Sec. 3, AdelaiDet's FCOS): per level keep sigmoid(cls) > 0.05, the
+top 1000 by cls * ctr, score sqrt(cls * ctr); boxes from the (l, t, r, b) regression around each location;
+class-wise NMS at IoU 0.6 over all levels in the resized image's pixels; the top 100; then rescale to the
+original image. Everything is tensor code without host syncs or Python-side sizes, so the same function
+runs eagerly and inside a `torch.export` program (msad/export.py).
+
+Two options exist for converted torchvision weights (msad/convert.py); the defaults are the released code's:
+  * `offset=False`: locations at (j*s, i*s), torchvision's, instead of (j*s + s//2, i*s + s//2);
+  * `rule="torchvision"`: keep sqrt(cls * ctr) > threshold (0.2 there) and keep boxes that clipping leaves
+    empty; the released rule thresholds sigmoid(cls) and drops them (locations in the padding).
+"""
+import torch
+from torchvision.ops import nms
+
+RULES = ("released", "torchvision")
+
+
+def make_points(shapes, strides, device, offset: bool = True):
+    """Location centres of every level: points [L, 2] (x, y) and strides [L].
+
+    (j*s + s//2, i*s + s//2) as in the released code (FCOS Sec. 3.1); (j*s, i*s) with offset=False.
+    """
+    points, point_strides = [], []
+    for (h, w), s in zip(shapes, strides):
+        shift = s // 2 if offset else 0
+        ys = torch.arange(h, device=device, dtype=torch.float32) * s + shift
+        xs = torch.arange(w, device=device, dtype=torch.float32) * s + shift
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack([xx.flatten(), yy.flatten()], dim=1))  # h*w x 2
+        point_strides.append(torch.full((h * w,), float(s), device=device))
+    return torch.cat(points), torch.cat(point_strides)
+
+
+def level_slices(shapes):
+    """Start/end of each level inside the flattened location axis."""
+    bounds = [0]
+    for h, w in shapes:
+        bounds.append(bounds[-1] + h * w)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def class_nms(boxes, scores, labels, num_classes: int, iou: float):
+    """Indices kept by NMS within each class, sorted by decreasing score (ties: the earlier index first).
+
+    One exact float32 NMS per class (torchvision's batched_nms adds a coordinate offset per class instead,
+    which costs O(n^2) over all classes for n boxes and rounds the coordinates). The loop over the classes
+    is static, so this exports; for 5000 boxes of 80 classes it takes ~7 ms on 2 CPU threads.
+    """
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().squeeze(1)  # n_c
+        keep[idx[nms(boxes[idx], scores[idx], iou)]] = True
+    kept = keep.nonzero().squeeze(1)
+    return kept[scores[kept].argsort(descending=True, stable=True)]
+
+
+@torch.no_grad()
+def decode_image(cls, box, ctr, points, strides, shapes, image_size, score_thresh=0.05, pre_nms_top_n=1000,
+                 nms_thresh=0.6, max_dets=100, rule="released"):
+    """Detections of one image in its input pixels (the resized image, top-left in its padded canvas).
+
+    cls [L, K] and ctr [L] logits, box [L, 4] (l, t, r, b) in stride units, as FCOSHead returns them for one
+    image; image_size: (h, w) of the image inside the canvas, a tensor [2] (an input of an exported program).
+    Returns boxes [n, 4] (x0, y0, x1, y1) clipped to the image, scores [n], labels [n] (contiguous), n <= max_dets.
+    """
+    K = cls.shape[1]
+    prob = torch.sigmoid(cls.float())
+    joint = prob * torch.sigmoid(ctr.float())[:, None]  # L x K
+    passed = prob > score_thresh if rule == "released" else joint.sqrt() > score_thresh
+    locs, labels, scores = [], [], []
+    for start, end in level_slices(shapes):
+        j = torch.where(passed[start:end], joint[start:end], -1.0).flatten()  # n*K
+        top, idx = j.topk(torch.sym_min(pre_nms_top_n, j.shape[0]))  # k, sorted
+        keep = top > 0
+        idx = idx[keep]
+        locs.append(idx // K + start)
+        labels.append(idx % K)
+        scores.append(top[keep].sqrt())
+    loc, labels, scores = torch.cat(locs), torch.cat(labels), torch.cat(scores)  # n
+    ltrb = box[loc].float() * strides[loc, None]  # n x 4, input pixels
+    boxes = torch.cat([points[loc] - ltrb[:, :2], points[loc] + ltrb[:, 2:]], dim=1)
+    size = image_size.to(boxes.device, boxes.dtype).flip(0).repeat(2)  # (w, h, w, h)
+    boxes = torch.minimum(boxes.clamp(min=0), size)
+    if rule == "released":  # locations in the padding leave zero-width boxes (detectron2's `nonempty`)
+        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, scores, labels = boxes[nonempty], scores[nonempty], labels[nonempty]
+    keep = class_nms(boxes, scores, labels, K, nms_thresh)[:max_dets]
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def decode(cls, box, ctr, points, strides, shapes, image_sizes, orig_sizes, **kwargs):
+    """decode_image for each image of a batch, then boxes rescaled from resized to original pixels.
+
+    image_sizes, orig_sizes: per image (h, w) after resizing and of the file. Returns one dict per image with
+    boxes [n, 4] (x0, y0, x1, y1, original pixels), scores [n], labels [n] (contiguous).
+    """
+    results = []
+    for b, ((h, w), (h0, w0)) in enumerate(zip(image_sizes, orig_sizes)):
+        boxes, scores, labels = decode_image(cls[b], box[b], ctr[b], points, strides, shapes,
+                                             torch.tensor([h, w]), **kwargs)
+        results.append({"boxes": rescale(boxes, (h, w), (h0, w0)), "scores": scores, "labels": labels})
+    return results
+
+
+def rescale(boxes, size, orig_size):
+    """Boxes from the resized image's pixels (size h, w) to the original's (h0, w0)."""
+    (h, w), (h0, w0) = size, orig_size
+    return boxes * boxes.new_tensor([w0 / w, h0 / h, w0 / w, h0 / h])

@@ -1,0 +1,160 @@
+"""Deployment (python -m msad.export): a torch.export program of a checkpoint gives the checkpoint's detections,
+through evaluate.py too; bad input to the exporter is one line."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torchvision
+
+import evaluate
+from msad import export
+from msad.data import PAD_VALUE, collate
+from msad.models import ModelConfig, build_model
+from msad.synthetic import ensure_synthetic
+from scripts_common import run
+
+CFG = ModelConfig(backbone="resnet18", width=0.25, norm="gn", freeze_at=0, fpn_channels=32, head_convs=1,
+                  num_classes=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def detecting(kind: str, cfg: ModelConfig = CFG, seed: int = 0):
+    """An untrained model whose classification bias makes ~half its scores pass the threshold: many boxes."""
+    torch.manual_seed(seed)
+    model = build_model(kind, cfg).eval()
+    with torch.no_grad():
+        model.head.cls_logits.bias.fill_(0.0)
+        model.head.cls_logits.weight.normal_(std=0.5)
+        model.head.box_pred.weight.normal_(std=0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def student_program():
+    model = detecting("student")
+    return model, export.export(model).module()
+
+
+def same_detections(ours, theirs, atol=1e-4):
+    """Equal count, labels and scores in the same order, boxes within atol."""
+    (b1, s1, l1), (b2, s2, l2) = ours, theirs
+    assert len(s1) == len(s2) > 0
+    assert torch.equal(l1, l2)
+    assert torch.allclose(s1, s2, atol=atol) and torch.allclose(b1, b2, atol=atol)
+
+
+@pytest.mark.parametrize("canvas,size", [((256, 256), (256, 256)), ((256, 384), (230, 384)), ((384, 256), (384, 200))])
+def test_program_gives_the_models_detections_on_three_canvases(student_program, canvas, size):
+    model, program = student_program
+    image = torch.randint(0, 256, (3, *canvas), dtype=torch.uint8)
+    pad = torch.tensor(PAD_VALUE, dtype=torch.uint8)[:, None, None]
+    image[:, size[0]:, :], image[:, :, size[1]:] = pad, pad  # padded as the data loader pads
+    eager = export.Deployable(model)(image, torch.tensor(size))
+    same_detections(eager, program(image, torch.tensor(size)))
+    # and the model's own batched path (evaluate.py's), in the canvas' pixels
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_id": 0,
+              "orig_size": size, "size": size}
+    batch = collate([(image[:, :size[0], :size[1]], target)])
+    assert tuple(batch.images.shape[-2:]) == canvas
+    with torch.no_grad():
+        det = model(batch)[0]
+    same_detections((det["boxes"], det["scores"], det["labels"]), eager)
+    assert (eager[0][:, 2] <= size[1]).all() and (eager[0][:, 3] <= size[0]).all()  # clipped to the image
+
+
+def test_program_keeps_zero_or_one_box_without_failing(student_program):
+    """torchvision's fake NMS claims >= 2 kept boxes; export.py replaces it, so 0 and 1 detections work."""
+    model, _ = student_program
+    one = detecting("student", seed=1)
+    with torch.no_grad():  # every box covers the whole image and one class passes: NMS keeps exactly one
+        one.head.box_pred.weight.zero_()
+        one.head.box_pred.bias.fill_(1e4)
+        one.head.cls_logits.weight.zero_()
+        one.head.cls_logits.bias.copy_(torch.tensor([5.0] + [-20.0] * 7))
+    program = export.export(one).module()
+    image, size = torch.randint(0, 256, (3, 256, 384), dtype=torch.uint8), torch.tensor([256, 384])
+    boxes, scores, labels = program(image, size)
+    assert labels.tolist() == [0] and boxes.tolist() == [[0.0, 0.0, 384.0, 256.0]]
+    with torch.no_grad():
+        one.head.cls_logits.bias.fill_(-20.0)  # nothing passes the threshold
+    assert export.export(one).module()(image, size)[1].numel() == 0
+
+
+def test_teacher_branches_export_with_their_own_resolution():
+    teacher = detecting("teacher", replace(CFG, cff_hidden=8))
+    image, size = torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8), torch.tensor([256, 256])
+    for branch in ("lr", "fused"):
+        teacher.branch = branch
+        program = export.export(teacher).module()
+        same_detections(export.Deployable(teacher)(image, size), program(image, size))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A demo-format student checkpoint (the `detecting` weights) and three val images."""
+    tmp = tmp_path_factory.mktemp("export")
+    root = ensure_synthetic(str(tmp / "synthetic"), num_train=2, num_val=3)
+    with open(f"{root}/annotations/instances_val2017.json") as f:
+        cats = sorted(json.load(f)["categories"], key=lambda c: c["id"])
+    args = {**CFG.to_dict(), "preset": "demo", "test_size": 256, "max_size": 400, "cat_ids": [c["id"] for c in cats],
+            "class_names": [c["name"] for c in cats]}
+    path = tmp / "student.pth"
+    torch.save({"kind": "student", "model": detecting("student").state_dict(), "args": args, "iteration": 1}, path)
+    return {"tmp": tmp, "root": root, "path": path}
+
+
+def test_evaluate_gives_the_same_results_for_the_program_as_for_its_checkpoint(checkpoint):
+    tmp, root = checkpoint["tmp"], checkpoint["root"]
+    program = tmp / "student.pt2"
+    assert export.main(["--checkpoint", str(checkpoint["path"]), "--output", str(program)])["kind"] == "student"
+    flags = ["--val-ann", f"{root}/annotations/instances_val2017.json", "--val-images", f"{root}/val2017",
+             "--workers", "0", "--device", "cpu"]
+    metrics = {}
+    for name, path in (("pth", checkpoint["path"]), ("pt2", program)):
+        metrics[name] = evaluate.main(["--checkpoint", str(path), "--output-dir", str(tmp / name), *flags])
+        metrics[name].pop("checkpoint")
+    assert metrics["pth"] == metrics["pt2"]  # AP, cost, kind, branch: every figure
+    dets = {name: json.loads((tmp / name / "detections.json").read_text()) for name in ("pth", "pt2")}
+    assert len(dets["pth"]) == len(dets["pt2"]) > 100
+    for a, b in zip(dets["pth"], dets["pt2"]):
+        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2)  # rounded to 2 decimals in the file
+
+
+def test_a_program_says_which_branch_it_holds(checkpoint):
+    program = checkpoint["tmp"] / "student.pt2"
+    if not program.exists():
+        export.main(["--checkpoint", str(checkpoint["path"]), "--output", str(program)])
+    detector, ckpt = export.load_exported(str(program))
+    assert ckpt["kind"] == "student" and detector.branch == "lr"
+    with pytest.raises(ValueError, match="holds the lr branch only"):
+        detector.to_device("cpu", "fused")
+
+
+@pytest.mark.parametrize("make,flags,words", [
+    (lambda p: p.write_text("not a checkpoint"), [], "is not a valid checkpoint"),
+    (None, ["--size", "200", "256"], "multiples of 128"),
+    ("teacher", [], "is a teacher: say which branch"),
+])
+def test_bad_input_to_the_exporter_is_one_line(checkpoint, tmp_path, make, flags, words):
+    path = tmp_path / "model.pth"
+    if make == "teacher":
+        ckpt = torch.load(checkpoint["path"], weights_only=True)
+        teacher = detecting("teacher", replace(CFG, cff_hidden=8))
+        torch.save({**ckpt, "kind": "teacher", "model": teacher.state_dict()}, path)
+    elif make is not None:
+        make(path)
+    else:
+        path = checkpoint["path"]
+    proc = run("-m", "msad.export", "--checkpoint", path, "--output", tmp_path / "out.pt2", *flags)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error:") and words in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.pt2").exists()
