@@ -17,13 +17,12 @@ import os
 
 from msad import engine, runner
 from msad.checkpoint import load_checkpoint
-from msad.cli import model_config, preset_value, resolve, run_script, show_preset_values, training_parser
+from msad.cli import inherit_architecture, model_config, preset_value, resolve, run_script, show_preset_values, training_parser
 from msad.diagnostics import StudentProbe, probe_iterations
 from msad.distill import DISTANCES, NORMALIZE, FeatureDistillation, build_adapters
 from msad.engine import LOG
 from msad.models import DistilledStudent, build_model, init_backbone, load_partial, load_teacher
 
-ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "low_res_mode")
 SHAPE_KEYS = ("backbone", "width", "fpn_channels", "head_convs")  # what --init teacher needs to be the teacher's
 
 
@@ -57,9 +56,7 @@ def main(argv=None):
     args.kd_weight = preset_value(args, "kd_weight", "student")
     if args.init == "teacher" or args.kd_weight > 0:
         teacher_args = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")["args"]
-        for key in ARCH_KEYS:  # the student's architecture defaults to the teacher's
-            if getattr(args, key) is None and key in teacher_args:
-                setattr(args, key, teacher_args[key])
+        inherit_architecture(args, teacher_args)  # the student's architecture defaults to the teacher's
         check_init(args, teacher_args)
     args = resolve(args, "student")
     info = runner.start(args)  # output folder, process group, seeds, data checks: everything that can fail early

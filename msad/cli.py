@@ -203,6 +203,23 @@ def make_output_dir(path, flag: str) -> None:
         raise ValueError(f"{flag} {path}: folder is not writable")
 
 
+# The architecture a model started from a checkpoint takes from it, unless given on the command line ...
+ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "low_res_mode")
+# ... and the options of converted public weights (msad/convert.py), which have no flags: always taken.
+CONVERTED_KEYS = ("stride_in_1x1", "center_offset")
+
+
+def inherit_architecture(args, source_args: dict) -> None:
+    """Fill the unset architecture flags from a checkpoint's args (a student from its teacher, a teacher from the
+    detector it starts from): its shapes, and the conventions of converted weights it was trained with."""
+    for key in ARCH_KEYS:
+        if getattr(args, key, None) is None and key in source_args:
+            setattr(args, key, source_args[key])
+    for key in CONVERTED_KEYS:
+        if key in source_args:
+            setattr(args, key, source_args[key])
+
+
 def model_config(args) -> ModelConfig:
     """The architecture from the resolved flags (and the training set's num_classes, see runner.train_dataset)."""
     return ModelConfig.from_dict(vars(args))

@@ -230,25 +230,30 @@ def init_backbone(model: nn.Module, weights_path: str | None) -> None:
         load_imagenet_weights(model.backbone, weights_path)
 
 
-def load_partial(model: nn.Module, state: dict, source: str, prefixes=("backbone.", "fpn.", "head.")) -> None:
-    """Copy `state` into every parameter/buffer of `model` under `prefixes` (teacher -> student init, Sec. 3.4).
+def load_partial(model: nn.Module, state: dict, source: str, prefixes=("backbone.", "fpn.", "head."),
+                 new=(), remedy="use --init imagenet or --init scratch for a different backbone") -> dict:
+    """Copy `state` into every parameter/buffer of `model` under `prefixes`: teacher -> student (Sec. 3.4), or
+    a trained HR detector -> teacher (train_teacher.py --init-from, with new=the P2 lateral and output).
 
-    Every such tensor of the model must exist in `state` with the same shape, and the source backbone and head
-    must have no tensors the model lacks (a deeper ResNet would otherwise load silently, truncated); extra FPN
-    keys (the teacher's P7 conv) and keys outside `prefixes` (its fusion module) are ignored. Mismatches are
-    one clear error listing the keys.
+    Every such tensor of the model must exist in `state` with the same shape, except those starting with one
+    of `new` (left at their initial values); the source backbone and head must have no tensors the model lacks
+    (a deeper ResNet would otherwise load silently, truncated); extra FPN keys (the teacher's P7 conv) and keys
+    outside `prefixes` (its fusion module) are ignored. Mismatches are one clear error listing the keys.
+    Returns {"loaded": [...], "new": [...]} (the model's keys).
     """
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
-    missing = sorted(k for k in own if k not in state)
+    fresh = sorted(k for k in own if k not in state and k.startswith(tuple(new) or ("\0",)))
+    missing = sorted(k for k in own if k not in state and k not in fresh)
     unexpected = sorted(k for k in state if k.startswith(prefixes) and not k.startswith("fpn.") and k not in own)
     shape = sorted(f"{k} {tuple(own[k].shape)} vs {tuple(state[k].shape)}" for k in own
                    if k in state and own[k].shape != state[k].shape)
     if missing or unexpected or shape:
         parts = [f"{name}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)) if keys]
-        raise ValueError(f"{source} does not match the student architecture ({'; '.join(parts)}); "
-                         f"use --init imagenet or --init scratch for a different backbone")
-    model.load_state_dict({k: state[k] for k in own}, strict=False)
+        raise ValueError(f"{source} does not match the model's architecture ({'; '.join(parts)}); {remedy}")
+    loaded = [k for k in own if k in state]
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return {"loaded": loaded, "new": fresh}
 
 
 def model_from_checkpoint(ckpt: dict, path: str, branch: str | None = None) -> nn.Module:

@@ -232,6 +232,21 @@ def test_load_partial_copies_backbone_fpn_and_head_from_the_teacher(tiny_cfg):
     assert all(torch.equal(state[k], source[k]) for k in shared)
 
 
+def test_a_teacher_starts_from_a_trained_hr_detector_with_p2_and_cff_new(tiny_cfg):
+    """train_teacher.py --init-from: backbone, FPN P3-P7 and head of an FCOS; the P2 lateral/output are new."""
+    fcos, teacher = build_model("fcos", tiny_cfg), build_model("teacher", tiny_cfg)
+    fresh = {k: v.clone() for k, v in teacher.state_dict().items()}
+    report = load_partial(teacher, fcos.state_dict(), "fcos.pth", new=("fpn.lateral.p2.", "fpn.output.p2."))
+    assert report["new"] == ["fpn.lateral.p2.bias", "fpn.lateral.p2.weight", "fpn.output.p2.bias",
+                             "fpn.output.p2.weight"]
+    state = teacher.state_dict()
+    assert sorted(report["loaded"]) == sorted(fcos.state_dict())  # all of the detector
+    assert all(torch.equal(state[k], v) for k, v in fcos.state_dict().items())
+    assert all(torch.equal(state[k], fresh[k]) for k in report["new"] + ["fusion.gate.0.weight"])
+    with pytest.raises(ValueError, match="missing: fpn.lateral.p2.bias"):  # without `new`, P2 is a mismatch
+        load_partial(build_model("teacher", tiny_cfg), fcos.state_dict(), "fcos.pth")
+
+
 def test_load_partial_from_a_wider_backbone_lists_the_mismatched_keys(tiny_cfg):
     teacher = build_model("teacher", replace(tiny_cfg, width=0.5))
     student = build_model("student", tiny_cfg)

@@ -137,6 +137,23 @@ def test_a_thinner_student_cannot_start_from_the_teacher(demo):
     assert not (demo["tmp"] / "bad6").exists()  # refused before any work started
 
 
+def test_teacher_starts_from_a_trained_hr_detector_and_takes_its_architecture(demo):
+    tmp, data = demo["tmp"], data_flags(demo["data"])
+    last_json(run("train_teacher.py", *TINY, *data, "--mode", "single", "--iters", 2, "--head-convs", 2, "--no-eval",
+                  "--output-dir", tmp / "hr_fcos"))
+    tiny = [f for i, f in enumerate(TINY) if "--head-convs" not in TINY[max(i - 1, 0):i + 1]]  # the detector's: 2
+    proc = run("train_teacher.py", *tiny, *data, "--iters", 1, "--no-eval", "--init-from",
+               tmp / "hr_fcos" / "model_final.pth", "--output-dir", tmp / "init_teacher")
+    assert last_json(proc)["kind"] == "teacher"
+    said = next(line for line in proc.stdout.splitlines() if line.startswith("init-from"))
+    assert "loaded 2" in said and "fpn.lateral.p2.weight" in said and "fusion.gate.0.weight" in said, said
+    assert torch.load(tmp / "init_teacher" / "model_final.pth", weights_only=True)["args"]["head_convs"] == 2
+    proc = run("train_teacher.py", *tiny, *data, "--iters", 1, "--init-from", tmp / "teacher" / "model_final.pth",
+               "--output-dir", tmp / "bad_init")
+    one_line_error(proc, "holds a 'teacher' checkpoint, expected 'fcos'")
+    assert not (tmp / "bad_init").exists()
+
+
 def test_evaluate_refuses_a_branch_the_checkpoint_lacks(demo):
     proc = run("evaluate.py", "--checkpoint", demo["tmp"] / "student" / "model_final.pth", "--branch", "fused",
                "--output-dir", demo["tmp"] / "bad3", "--device", "cpu")
