@@ -15,11 +15,12 @@ import os
 
 from msad import dist, runner, vis
 from msad.align import HR_PAD
-from msad.cli import add_data_args, make_output_dir, print_metrics_line, resolve, run_script, show_preset_values
+from msad.cli import add_data_args, check_device, check_ranges, make_output_dir, print_metrics_line, resolve, run_script, show_preset_values
 from msad.data import CocoDetection, ImageFolder
 from msad.samplers import build_eval_loader
 from msad.diagnostics import CFFWeights
 from msad.checkpoint import load_checkpoint, write_json_atomic
+from msad.cost import model_cost
 from msad.engine import AMP_DTYPES
 from msad.export import load_exported
 from msad.evaluation import check_results, coco_evaluate, detect_images, load_results
@@ -69,12 +70,12 @@ def detect_folder(args, info, model, ckpt) -> dict | None:
     """--images: detections.json for a folder of images, pictures with --vis; the summary on rank 0."""
     dataset = ImageFolder(args.images, args.test_size, args.max_size)
     loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
-    entries, skipped = detect_images(model, loader, dataset, info.device, checkpoint_categories(ckpt),
-                                     args.output_dir, args.amp, args.score_thresh)
+    entries, skipped, first = detect_images(model, loader, dataset, info.device, checkpoint_categories(ckpt),
+                                            args.output_dir, args.amp, args.score_thresh)
     if not info.is_main:
         return None
     metrics = {"images": len(entries), "skipped": skipped, "detections": sum(len(e["scores"]) for e in entries),
-               "output": os.path.join(args.output_dir, "detections.json")} | runner.first_batch_cost(args, info, model, dataset)
+               "output": os.path.join(args.output_dir, "detections.json")} | model_cost(model, first)
     if args.vis:
         count = len(entries) if args.vis_count is None else args.vis_count
         metrics["vis"] = vis.save_pictures(vis.folder_items(dataset, entries, count), args.vis, vis_thresh(args))
@@ -87,6 +88,8 @@ def vis_thresh(args) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_ranges(args)  # bad flags first: nothing is created for a command that cannot run
+    check_device(args)
     for flag in ("output_dir", "vis"):  # fail now, not after the inference
         make_output_dir(getattr(args, flag), f"--{flag.replace('_', '-')}")
     if args.detections:
@@ -113,8 +116,10 @@ def main(argv=None):
         cff_weights = None
     else:
         with CFFWeights(model if getattr(model, "branch", None) == "fused" else None) as cff:  # C-FF a_H, a_L
-            metrics = runner.evaluate_model(args, info, model, output_dir=args.output_dir, min_score=args.score_thresh)
+            evaluated = runner.evaluate_model(args, info, model, output_dir=args.output_dir,
+                                              min_score=args.score_thresh)
         cff_weights = cff.summary()  # a collective: every rank calls it
+        metrics = None if evaluated is None else evaluated[0] | model_cost(model, evaluated[1])
         if info.is_main and args.vis:
             count = 8 if args.vis_count is None else args.vis_count
             with open(os.path.join(args.output_dir, "detections.json")) as f:

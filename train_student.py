@@ -17,7 +17,7 @@ import os
 
 from msad import engine, runner
 from msad.checkpoint import load_checkpoint
-from msad.cli import inherit_architecture, model_config, preset_value, resolve, run_script, show_preset_values, training_parser
+from msad.cli import check_ranges, inherit_architecture, model_config, preset_value, resolve, run_script, show_preset_values, training_parser
 from msad.diagnostics import StudentProbe, probe_iterations
 from msad.distill import DISTANCES, NORMALIZE, FeatureDistillation, build_adapters
 from msad.engine import LOG
@@ -54,6 +54,7 @@ def main(argv=None):
     args = parse_args(argv)
     teacher_args = None  # the teacher is needed to start from it (--init teacher) and to distil from it
     args.kd_weight = preset_value(args, "kd_weight", "student")
+    check_ranges(args)  # --kd-weight nan / inf / -1 before the teacher is looked for
     if args.init == "teacher" or args.kd_weight > 0:
         teacher_args = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")["args"]
         inherit_architecture(args, teacher_args)  # the student's architecture defaults to the teacher's

@@ -6,6 +6,7 @@
   * checkpoint.pth holds model, aux modules, optimizer, scheduler, scaler, iteration, args and every rank's
     RNG state, so --resume continues exactly; model_final.pth holds the model, args and iteration only.
 """
+import contextlib
 import errno
 import json
 import os
@@ -23,8 +24,12 @@ RENAMED_ARGS = {"lr_mode": "low_res_mode"}  # old argument name -> current, in c
 
 # ----------------------------------------------------------------------------- atomic files and checkpoints
 
-class DiskFullError(OSError):
-    """No space left (or quota exceeded) while writing a file; reported in one line by cli.run_script."""
+class WriteError(OSError):
+    """An output file could not be written (full disk, read-only or vanished folder); one line, by cli.run_script."""
+
+
+class DiskFullError(WriteError):
+    """No space left (or quota exceeded) while writing a file."""
 
 
 def _is_disk_full(e: BaseException | None) -> bool:
@@ -51,11 +56,10 @@ def write_atomic(path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(e):
-            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-            raise DiskFullError(f"disk full (or quota exceeded) while writing {path}; {kept}; free space in "
-                                f"{path.parent} and rerun (with --resume to continue)") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        _raise_write_error(e, path, kept)
         raise
     # Make the rename itself durable (a power loss right after could otherwise lose it).
     fd = os.open(path.parent, os.O_RDONLY)
@@ -65,14 +69,39 @@ def write_atomic(path, write) -> None:
         os.close(fd)
 
 
+def _raise_write_error(e: BaseException, path, kept: str) -> None:
+    """A full disk, or any other OSError of a write, as one WriteError line saying what was kept."""
+    if _is_disk_full(e):
+        raise DiskFullError(f"disk full (or quota exceeded) while writing {path}; {kept}; free space in "
+                            f"{Path(path).parent} and rerun (with --resume to continue a training run)") from None
+    if isinstance(e, OSError):
+        raise WriteError(f"cannot write {path} ({e.strerror or e}); {kept}") from None
+
+
+def kept_checkpoint(output_dir) -> str:
+    """What a failed write leaves to resume from, for its one-line error."""
+    path = Path(output_dir) / CHECKPOINT
+    return f"the last checkpoint {path} is kept" if path.exists() else "no checkpoint was written yet"
+
+
+def append_line(path, line: str, kept: str) -> None:
+    """Append one line to a log file (log.jsonl), flushed; a full disk is one line saying what is `kept`."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+    except OSError as e:
+        _raise_write_error(e, path, kept)
+
+
 def save_atomic(obj, path) -> None:
     """torch.save(obj, path), atomically."""
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
-def write_json_atomic(obj, path) -> None:
-    """json.dump(obj, path), atomically (metrics.json and friends)."""
-    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+def write_json_atomic(obj, path, indent: int | None = 2) -> None:
+    """json.dump(obj, path), atomically (metrics.json, config.json, detections.json)."""
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=indent) + "\n").encode()))
 
 
 def load_checkpoint(path, expected_kind: str | None = None, made_by: str | None = None) -> dict:

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from .align import LR_MODES
-from .checkpoint import DiskFullError
+from .checkpoint import WriteError
 from .engine import AMP_DTYPES
 from .distill import KD_WARMUP, KD_WEIGHT
 from .models import ModelConfig
+from .outdir import test_write
 
 COCO_SIZES = tuple(range(640, 801, 32))  # MSAD Sec. 3.2 / released code: short side drawn from {640, 672, ..., 800}
 PRESETS = {
@@ -150,7 +151,7 @@ def resolve(args: argparse.Namespace, stage: str | None) -> argparse.Namespace:
         sizes = sizes if isinstance(sizes, tuple) else (sizes,) if sizes is not None else ()
         if any(s < 32 for s in sizes):
             raise SystemExit(f"error: --{name.replace('_', '-')} {sizes}: sizes must be at least 32 pixels")
-    _check_ranges(args)
+    check_ranges(args)
     check_device(args)
     return args
 
@@ -160,23 +161,28 @@ _MINIMUM = {"iters": (1, "training iterations"), "batch_size": (1, "images"), "e
             "workers": (0, "worker processes"), "max_images": (1, "images"), "fpn_channels": (1, "channels"),
             "head_convs": (0, "convolutions per tower"), "checkpoint_period": (1, "iterations"), "log_period": (1, "iterations"),
             "warmup_iters": (0, "iterations"), "kd_warmup": (0, "iterations"), "kd_weight": (0, "0 trains without KD"),
-            "vis_count": (0, "images")}
+            "fused_weight": (0, "0 drops the fused branch's loss"), "cff_hidden": (0, "0 means FPN width / 8"),
+            "weight_decay": (0, "0 for none"), "vis_count": (0, "images")}
 _POSITIVE = ("lr", "width", "clip_grad")  # finite and > 0
+_UNIT = ("score_thresh", "vis_thresh")  # scores: finite, in [0, 1]
 
 
-def _check_ranges(args) -> None:
-    """One line for the first flag outside its range (e.g. --iters 0, --lr nan, --max-images 0)."""
+def check_ranges(args) -> None:
+    """One line for the first flag outside its range (e.g. --iters 0, --lr nan, --kd-weight inf, --max-images 0).
+    Every comparison is written so that NaN fails it, and floats must be finite."""
+    flag = lambda name: f"--{name.replace('_', '-')}"
     for name, (low, unit) in _MINIMUM.items():
         value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be at least {low} ({unit})")
+        if value is not None and not (value >= low and math.isfinite(value)):
+            raise SystemExit(f"error: {flag(name)} {value}: must be a finite number of at least {low} ({unit})")
     for name in _POSITIVE:
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be a finite number above 0")
-    if getattr(args, "weight_decay", None) is not None and not (math.isfinite(args.weight_decay)
-                                                                 and args.weight_decay >= 0):
-        raise SystemExit(f"error: --weight-decay {args.weight_decay}: must be a finite number, 0 or more")
+            raise SystemExit(f"error: {flag(name)} {value}: must be a finite number above 0")
+    for name in _UNIT:
+        value = getattr(args, name, None)
+        if value is not None and not (0 <= value <= 1):
+            raise SystemExit(f"error: {flag(name)} {value}: must be a score from 0 to 1")
 
 
 def check_device(args) -> None:
@@ -192,15 +198,15 @@ def check_device(args) -> None:
 
 
 def make_output_dir(path, flag: str) -> None:
-    """Create an output folder now (None: not asked for), or stop with one line naming the flag."""
+    """Create an output folder now and test-write it (None: not asked for), or stop with one line naming the flag:
+    a folder that cannot take a file (/proc, read-only, full) fails before any work, not after the inference."""
     if path is None:
         return
     try:
         os.makedirs(path, exist_ok=True)
+        test_write(path)
     except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot create this folder ({e.strerror or e})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: folder is not writable")
+        raise ValueError(f"{flag} {path}: cannot write into this folder ({e.strerror or e})") from None
 
 
 # The architecture a model started from a checkpoint takes from it, unless given on the command line ...
@@ -244,7 +250,7 @@ def print_metrics_line(metrics: dict):
 
 
 # Errors a user can cause (bad data, flags, files, a diverging run): reported in one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, DiskFullError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, WriteError)
 
 
 def run_script(main, argv=None):

@@ -24,5 +24,8 @@ def flops_per_image(model: torch.nn.Module, batch) -> float:
 
 
 def model_cost(model: torch.nn.Module, batch) -> dict:
-    """{"params_m": millions of parameters, "gflops": GFLOPs per image on `batch`} for the metrics line."""
+    """{"params_m": millions of parameters, "gflops": GFLOPs per image on `batch`} for the metrics line
+    ({} without a batch: no readable image)."""
+    if batch is None:
+        return {}
     return {"params_m": round(count_params(model) / 1e6, 4), "gflops": round(flops_per_image(model, batch) / 1e9, 4)}

@@ -217,9 +217,10 @@ class ImageFolder(CocoDetection):
     """The .jpg/.jpeg/.png files directly inside a folder, for detection without annotations (evaluate.py
     --images): evaluation mode of CocoDetection, sorted by file name, image_id = position in that order.
 
-    Sizes come from the file headers (nothing is decoded here). A file whose header cannot be read, or
-    whose full decode fails later, is logged by name and skipped: `skipped` lists the former, and
-    `__getitem__` returns None for the latter (the eval loader leaves it out of its batch).
+    Sizes come from the file headers (nothing is decoded here), upright (EXIF orientation applied, as the
+    decode applies it). A name that is not a regular file, or whose header cannot be read, or whose full
+    decode fails later, is logged by name and skipped: `skipped` lists the former, and `__getitem__` returns
+    None for the latter (the eval loader leaves it out of its batch).
     """
 
     EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -229,16 +230,13 @@ class ImageFolder(CocoDetection):
         self.train, self.sizes, self.max_size, self.flip_prob = False, [int(size)], int(max_size), 0.0
         if not os.path.isdir(self.image_dir):
             raise DatasetError(f"{self.image_dir}: image folder not found")
-        names = sorted(n for n in os.listdir(self.image_dir) if n.lower().endswith(self.EXTENSIONS)
-                       and os.path.isfile(os.path.join(self.image_dir, n)))
+        names = sorted(n for n in os.listdir(self.image_dir) if n.lower().endswith(self.EXTENSIONS))
         self.skipped, readable, sizes = [], [], []
         for name in names:
             try:
-                with Image.open(os.path.join(self.image_dir, name)) as im:
-                    w, h = im.size
+                sizes.append(self._upright_size(name))
                 readable.append(name)
-                sizes.append((h, w))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            except _BadImage as e:  # a folder, FIFO or device named *.jpg, a broken link, an unreadable header
                 log.warning("skipping unreadable image %s (%s)", os.path.join(self.image_dir, name), e)
                 self.skipped.append(name)
         if not readable:
@@ -250,6 +248,17 @@ class ImageFolder(CocoDetection):
         self._boxes, self._labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)  # no annotations
         self._start = self._end = np.zeros(n, dtype=np.int64)
         self.coco, self.num_skipped_images = None, 0
+
+    def _upright_size(self, name: str) -> tuple[int, int]:
+        """(h, w) of the image as it is decoded: from the header, swapped when the EXIF orientation turns it by
+        90 degrees (a phone photo taken upright), as _read_image's exif_transpose will. Only regular files."""
+        try:
+            with _open_inside(os.path.join(self.image_dir, name), self.image_dir) as f, Image.open(f) as im:
+                w, h = im.size
+                turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # transpose / rotate 90 / 270
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # _BadImage passes through
+            raise _BadImage(str(e)) from None
+        return (w, h) if turned else (h, w)
 
     def file_name(self, index: int) -> str:
         return self._file_names[index]

@@ -34,7 +34,7 @@ from .outdir import FINAL, claim_output_dir
 KINDS = ("fcos", "teacher", "student")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOG = "log.jsonl"
-RUN_FILES = (FINAL, CHECKPOINT, LOG, "metrics.json")  # what --overwrite replaces
+RUN_FILES = (FINAL, CHECKPOINT, LOG, "metrics.json", "config.json")  # what --overwrite replaces
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -194,9 +194,7 @@ class _Logger:
         record = {"iter": iteration, "learning_rate": lr, **terms, "loss": sum(terms.values()),
                   "time": self.time / max(self.n, 1), "data_time": self.data_time / max(self.n, 1),
                   "max_mem_mb": mem}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        checkpoint.append_line(self.path, json.dumps(record), checkpoint.kept_checkpoint(self.path.parent))
         self._reset()
 
 
@@ -269,6 +267,8 @@ def train(train_model, model: nn.Module, optimizer: torch.optim.Optimizer, sched
     amp_dtype = AMP_DTYPES[cfg.amp]
     aux = aux or {}
     start_iter = checkpoint.resume(model, optimizer, scheduler, scaler, cfg, aux)
+    if main:  # the run really starts: its configuration beside it (a refused or failed start leaves the old one)
+        checkpoint.write_json_atomic(cfg.args, Path(cfg.output_dir) / "config.json")
     logger = _Logger(cfg, enabled=main)
     if main and start_iter == 0:
         logger.path.unlink(missing_ok=True)  # a run killed before its first checkpoint leaves a stale log

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from . import dist
 from .coco import _column, _int_ids
+from .checkpoint import write_json_atomic
 from .engine import AMP_DTYPES
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -50,40 +51,42 @@ def to_image_entries(detections, image_ids, file_names, cat_ids, class_names):
 
 @torch.no_grad()
 def inference(model, loader, device, convert, amp: str = "none", progress: bool = True, min_score: float = 0.0):
-    """This process's results, convert(detections, image_ids) per batch, and the image ids it evaluated.
+    """This process's results, convert(detections, image_ids) per batch, the image ids it evaluated, and its
+    first batch (None if none was readable), on which the caller counts the model's cost (cost.model_cost):
+    kept, not read again, so no image is decoded, or warned about, twice.
 
     Detections scoring below `min_score` are dropped first. A None batch (only unreadable images) is skipped.
     """
     model.eval()
-    results, image_ids = [], []
+    results, image_ids, first = [], [], None
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) \
         if amp != "none" and device.type == "cuda" else contextlib.nullcontext()
     for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main_process()), dynamic_ncols=True):
         if batch is None:
             continue
         batch = batch.to(device)
+        first = batch if first is None else first
         with autocast:
             detections = model(batch)
         if min_score > 0:
             detections = [{k: v[d["scores"] >= min_score] for k, v in d.items()} for d in detections]
         results += convert(detections, batch.image_ids)
         image_ids += list(batch.image_ids)
-    return results, image_ids
+    return results, image_ids, first
 
 
-def _merge(results, image_ids):
-    """All processes' results and sorted image ids, on rank 0 (None elsewhere)."""
+def _merge(results, image_ids, first):
+    """All processes' results and sorted image ids, and this rank's first batch, on rank 0 (None elsewhere)."""
     merged = dist.all_gather_objects((results, image_ids))
     if not dist.is_main_process():
         return None
-    return [r for part, _ in merged for r in part], sorted({i for _, ids in merged for i in ids})
+    return [r for part, _ in merged for r in part], sorted({i for _, ids in merged for i in ids}), first
 
 
 def _write_json(obj, output_dir):
+    """OUTPUT_DIR/detections.json, atomically: a failed write leaves the previous file whole."""
     if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "detections.json"), "w") as f:
-            json.dump(obj, f)
+        write_json_atomic(obj, os.path.join(output_dir, "detections.json"), indent=None)
 
 
 def coco_evaluate(coco_gt, results, image_ids=None, verbose: bool = True) -> dict:
@@ -99,59 +102,67 @@ def coco_evaluate(coco_gt, results, image_ids=None, verbose: bool = True) -> dic
         ev.evaluate()
         ev.accumulate()
         ev.summarize()  # prints the standard 12-number summary
-    return {name: round(100 * float(v), 3) for name, v in zip(METRIC_NAMES, ev.stats[:6])}
+    # COCOeval gives -1 where the ground truth has no object of a size (e.g. no large ones): null, not -100
+    return {name: round(100 * float(v), 3) if v >= 0 else None for name, v in zip(METRIC_NAMES, ev.stats[:6])}
 
 
 def evaluate(model, loader, dataset, device, output_dir=None, amp="none", min_score=0.0):
-    """Sharded inference, merge on rank 0, write detections.json, COCOeval. Returns metrics on rank 0, else None."""
+    """Sharded inference, merge on rank 0, write detections.json, COCOeval. Returns (metrics, first batch) on
+    rank 0, else None."""
     convert = partial(to_coco_results, label_to_cat_id=dataset.label_to_cat_id)
     merged = _merge(*inference(model, loader, device, convert, amp, min_score=min_score))
     if merged is None:
         return None
-    results, image_ids = merged
+    results, image_ids, first = merged
     _write_json(results, output_dir)
     if not dataset.coco.dataset.get("annotations"):  # e.g. test-dev image info: inference only
         print(f"{dataset.ann_file} has no annotations: no ground truth to score, detections written"
               f"{' to ' + os.path.join(output_dir, 'detections.json') if output_dir else ''}", flush=True)
-        return {"images": len(image_ids), "ground_truth": False}
-    return coco_evaluate(dataset.coco, results, image_ids) | {"images": len(image_ids)}
+        return {"images": len(image_ids), "ground_truth": False}, first
+    return coco_evaluate(dataset.coco, results, image_ids) | {"images": len(image_ids)}, first
 
 
 def detect_images(model, loader, dataset, device, categories, output_dir=None, amp="none", min_score=0.0):
     """Detections on an ImageFolder (no annotations): OUTPUT_DIR/detections.json, one entry per readable image.
 
     categories: (category ids, names) of the model's contiguous labels, from the checkpoint. Returns the
-    entries and the file names that were skipped as unreadable on rank 0, (None, None) elsewhere.
+    entries, the file names that were skipped as unreadable and the first batch on rank 0, Nones elsewhere.
     """
     convert = partial(to_image_entries, file_names=[dataset.file_name(i) for i in range(len(dataset))],
                       cat_ids=categories[0], class_names=categories[1])
     merged = _merge(*inference(model, loader, device, convert, amp, min_score=min_score))
     if merged is None:
-        return None, None
-    entries, image_ids = merged
+        return None, None, None
+    entries, image_ids, first = merged
     entries.sort(key=lambda e: e["image_id"])
     _write_json(entries, output_dir)
     missing = sorted(set(range(len(dataset))) - set(image_ids))  # failed to decode in the loader
-    return entries, sorted(dataset.skipped + [dataset.file_name(i) for i in missing])
+    return entries, sorted(dataset.skipped + [dataset.file_name(i) for i in missing]), first
 
 
 def load_results(path: str) -> list:
-    """A COCO results file (list of {image_id, category_id, bbox [x, y, w, h], score}), checked field by field."""
+    """A COCO results file (list of {image_id, category_id, bbox [x, y, w, h], score}), checked field by field;
+    every problem is one ValueError naming --detections, the file and the detection."""
+    where = f"--detections {path}"
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             results = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"--detections {path}: file not found") from None
+        raise ValueError(f"{where}: file not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"--detections {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read it ({e.strerror or e})") from None
     if not isinstance(results, list):
-        raise ValueError(f"--detections {path}: expected a JSON list of detections")
+        raise ValueError(f"{where}: expected a JSON list of detections")
     for i, r in enumerate(results):
         missing = [k for k in ("image_id", "category_id", "bbox", "score") if not isinstance(r, dict) or k not in r]
         if missing:
-            raise ValueError(f"--detections {path}: detection {i} lacks {', '.join(missing)}")
-        if len(r["bbox"]) != 4:
-            raise ValueError(f"--detections {path}: detection {i} bbox must be [x, y, w, h]")
+            raise ValueError(f"{where}: detections[{i}] lacks {', '.join(missing)}")
+        if not isinstance(r["bbox"], list) or len(r["bbox"]) != 4:
+            raise ValueError(f"{where}: detections[{i}] field 'bbox' must be a list [x, y, w, h], got {r['bbox']!r}")
     return results
 
 

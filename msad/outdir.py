@@ -12,7 +12,7 @@ CHECKPOINT = "checkpoint.pth"
 FINAL = "model_final.pth"
 LOCK = ".lock"
 
-_LOCKS: dict[str, object] = {}  # output folder -> open lock file, held (flock) until this process exits
+_LOCKS: dict[str, object] = {}  # output folder -> open lock file, locked until this process exits
 
 
 def check_output_dir(output_dir, resume: bool, overwrite: bool) -> None:
@@ -34,9 +34,10 @@ def check_output_dir(output_dir, resume: bool, overwrite: bool) -> None:
 
 def claim_output_dir(output_dir, resume: bool = False, overwrite: bool = False) -> None:
     """Before any work (rank 0): the refusal above, then create and test-write the folder and lock it against
-    a second writer (released when this process exits, however it exits, even on SIGKILL). A second call
-    for the same folder checks again and keeps its lock. engine.train removes an overwritten run's files
-    just before its first step.
+    a second writer. The lock is a POSIX record lock (fcntl.lockf): it belongs to this process alone, so data
+    loader workers forked later do not hold it, and it is released when this process exits, however it exits,
+    even on SIGKILL (an flock would live on in the workers for seconds). A second call for the same folder
+    checks again and keeps its lock. engine.train removes an overwritten run's files just before its first step.
     """
     out = Path(output_dir)
     check_output_dir(out, resume, overwrite)
@@ -44,15 +45,24 @@ def claim_output_dir(output_dir, resume: bool = False, overwrite: bool = False) 
         _LOCKS[str(out.resolve())] = _lock_and_test(out)
 
 
+def test_write(folder) -> None:
+    """Write, fsync and remove a hidden file in `folder`, as checkpoints and outputs are written (OSError if not)."""
+    path = Path(folder) / ".write-test"
+    with open(path, "wb") as f:
+        f.write(b"msad")
+        os.fsync(f.fileno())
+    path.unlink()
+
+
 def _lock_and_test(out: Path):
-    """Create `out`, take OUT/.lock (flock, non-blocking), write and fsync a test file; returns the lock file."""
+    """Create `out`, take OUT/.lock (lockf, non-blocking), write and fsync a test file; returns the lock file."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / LOCK, "a+")
     except OSError as e:
         raise ValueError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
         owner = lock.read().strip() or "?"
@@ -64,10 +74,7 @@ def _lock_and_test(out: Path):
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        with open(out / ".write-test", "wb") as f:  # as a checkpoint is written: a hidden file, fsync'd
-            f.write(b"msad")
-            os.fsync(f.fileno())
-        (out / ".write-test").unlink()
+        test_write(out)
     except OSError as e:
         lock.close()
         raise ValueError(f"--output-dir {out} is not writable: {e.strerror or e}") from None

@@ -13,7 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import dist, engine, outdir
 from .align import HR_PAD
-from .checkpoint import CHECKPOINT, write_json_atomic
+from .checkpoint import CHECKPOINT, load_checkpoint, write_json_atomic
+from .outdir import FINAL
 from .cli import PRESETS, data_paths, print_metrics_line, seed_everything
 from .cost import model_cost
 from .data import CocoDetection
@@ -32,14 +33,15 @@ def start(args, training: bool = True, needs_data: bool = True) -> dist.DistInfo
     """
     if training:
         args.batch_per_process = dist.check_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
+        if args.resume:
+            exit_if_finished(args)
         if int(os.environ.get("RANK", 0)) == 0:  # checks, then creates, test-writes and locks the folder
             outdir.claim_output_dir(args.output_dir, args.resume, args.overwrite)
         else:  # read-only: the same refusal on every rank
             outdir.check_output_dir(args.output_dir, args.resume, args.overwrite)
     info = dist.init_distributed(args.device)
-    if training and info.is_main:  # the resolved configuration: printed, and kept beside the run
+    if training and info.is_main:  # the resolved configuration (engine.train keeps it in config.json at the start)
         print("config: " + json.dumps(plain_args(args), sort_keys=True), flush=True)
-        write_json_atomic(plain_args(args), os.path.join(args.output_dir, "config.json"))
     if training:
         seed_everything(args.seed, info.rank)
     if needs_data:
@@ -47,6 +49,28 @@ def start(args, training: bool = True, needs_data: bool = True) -> dist.DistInfo
     if training and not args.no_eval:
         val_dataset(args)  # a bad val json fails now; parsed again (quickly) for the final evaluation
     return info
+
+
+def exit_if_finished(args) -> None:
+    """--resume of a run that already reached --iters: nothing to do, nothing touched (every rank; exit 0).
+
+    The final line is the run's metrics.json, so that a chain of --resume commands goes on as after training."""
+    final = os.path.join(args.output_dir, FINAL)
+    if not os.path.isfile(final):
+        return
+    done = int(load_checkpoint(final).get("iteration", 0))
+    if done < args.iters:
+        return  # a longer --iters continues from checkpoint.pth
+    if int(os.environ.get("RANK", 0)) == 0:
+        metrics_path = os.path.join(args.output_dir, "metrics.json")
+        metrics = {"iterations": done}
+        if os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                metrics = json.load(f)
+        print(f"already finished at iteration {done} ({final}); nothing to do (give a larger --iters to train "
+              f"longer)", file=sys.stderr, flush=True)
+        print_metrics_line(metrics)
+    raise SystemExit(0)
 
 
 DEMO_ROOT = os.path.normpath(PRESETS["demo"]["common"]["data_root"])  # the only folder ever generated
@@ -137,37 +161,35 @@ def train_config(args, info, kind: str) -> engine.TrainConfig:
 
 
 def evaluate_model(args, info, model, output_dir=None, min_score=0.0):
-    """COCO evaluation of `model` on the validation set (sharded; metrics on rank 0, None elsewhere)."""
+    """COCO evaluation of `model` on the validation set (sharded): (metrics, first batch) on rank 0, else None.
+    The caller adds the model's cost on that batch (cost.model_cost), outside any hooks it put on the model."""
     dataset = val_dataset(args)
     loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
-    metrics = evaluate(model, loader, dataset, info.device, output_dir, args.amp, min_score)
-    return metrics if metrics is None else metrics | first_batch_cost(args, info, model, dataset)
-
-
-def first_batch_cost(args, info, model, dataset) -> dict:
-    """Params and GFLOPs per image of `model`, counted on its first evaluation batch ({} if none is readable)."""
-    loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, 0, HR_PAD)
-    first = next((batch for batch in loader if batch is not None), None)
-    return model_cost(model, first.to(info.device)) if first is not None else {}
+    return evaluate(model, loader, dataset, info.device, output_dir, args.amp, min_score)
 
 
 def final_evaluation(args, info, model, result: dict) -> dict:
     """COCO AP of the trained model on rank 0 ({} with --no-eval, after a stop, and on the other ranks)."""
     if args.no_eval or result.get("stopped"):
         return {}
-    return evaluate_model(args, info, model, output_dir=args.output_dir) or {}
+    evaluated = evaluate_model(args, info, model, output_dir=args.output_dir)
+    return {} if evaluated is None else evaluated[0] | model_cost(model, evaluated[1])
 
 
 def finish(args, info, result: dict, metrics: dict) -> dict | None:
     """metrics.json and the final JSON line (the loop's result, then `metrics`) on rank 0.
 
     A run stopped by SIGINT / SIGTERM (checkpoint saved) then exits 130 / 143, its last line saying how to resume.
+    Under torchrun every rank does, together (a barrier first): torchrun stops the other ranks as soon as one
+    rank has exited, so a rank that lagged behind would be reported killed instead of 143.
     """
     metrics = {"output_dir": args.output_dir, **{k: v for k, v in result.items() if not isinstance(v, dict)},
                **metrics}
     if info.is_main:
         write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
+    if result.get("stopped"):
+        dist.barrier()
     dist.cleanup()
     if result.get("stopped"):  # not 0: `train_teacher.py && train_student.py` must not go on with no teacher
         code = 128 + signal.Signals[result["signal"]]  # 130 after SIGINT, 143 after SIGTERM (shell convention)

@@ -5,9 +5,12 @@ infinite, deterministic stream of batches, so `--resume` at iteration k sees exa
 uninterrupted run would have seen, including their augmentation (each sample carries its own aug seed).
 Evaluation batches (`EvalBatchSampler`) only hold images of the same padded shape.
 """
+import atexit
 import itertools
 import math
+import multiprocessing
 import signal
+import threading
 from functools import partial
 from typing import Iterator
 
@@ -106,6 +109,22 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit, kill this process's data loader workers (daemon children) that are still alive.
+
+    multiprocessing's own exit handler, which runs after this one, stops daemon children with SIGTERM and then
+    joins them; ours ignore SIGTERM (above), so after an unexpected exception whose traceback keeps a loader
+    alive until exit, that join would wait forever. By then every file is written. torch's SIGCHLD handler,
+    which would report the killed workers as a second error, is reset first."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join()
 
 
 def _loader(dataset, workers: int, size_divisible: int, collate_fn=collate, **kwargs) -> torch.utils.data.DataLoader:

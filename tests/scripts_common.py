@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny demo model so that a training iteration takes a fraction of a second on 2 CPU cores.
@@ -21,6 +22,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start(script, *args, nproc=1):
+    """`run` in the background, in a session of its own (so that a test can signal its process group)."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                      str(nproc), "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MSAD_DIST_TIMEOUT": "60"}
+    return subprocess.Popen([*launcher, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, proc, timeout=120):
+    """Poll until condition() holds (or fail if `proc` ended first or the time runs out)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
 
 
 def run(script, *args, nproc=1, timeout=240, env=None):

@@ -354,3 +354,25 @@ def test_links_out_of_the_image_folder_and_fifos_are_not_opened(coco, tmp_path):
     os.mkfifo(Path(image_dir, "9.png"))  # opening it would wait forever for a writer
     with pytest.raises(DatasetError, match="not a regular file"):
         eval_set(coco)[eval_set(coco).image_ids.index(9)]
+
+
+def test_a_crash_with_a_live_loader_exits_instead_of_hanging(tmp_path):
+    """Loader workers ignore SIGTERM (so a signalled job can save first); after an unexpected exception whose
+    traceback keeps a persistent loader alive, Python's exit used to wait for them forever."""
+    import subprocess
+    import sys
+    from msad.synthetic import ensure_synthetic
+    root = ensure_synthetic(str(tmp_path / "synthetic"), num_train=2, num_val=4)
+    script = (
+        "import sys\n"
+        "from msad.data import CocoDetection\n"
+        "from msad.samplers import build_eval_loader\n"
+        f"ds = CocoDetection('{root}/annotations/instances_val2017.json', '{root}/val2017', train=False,"
+        " sizes=(128,), max_size=160)\n"
+        "loader = build_eval_loader(ds, 1, 0, 1, workers=1)\n"
+        "for batch in loader:\n"
+        "    raise RuntimeError('a bug in the loop')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "a bug in the loop" in proc.stderr
+    assert "killed by signal" not in proc.stderr, proc.stderr[-2000:]

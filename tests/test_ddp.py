@@ -1,14 +1,18 @@
 """The real models and scripts under torchrun with 2 gloo processes on CPU (the same code path for
 1 and N processes; the frozen teacher outside DDP; evaluation sharded and merged on rank 0)."""
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
 
 import pytest
 import torch
 
 from msad.synthetic import ensure_synthetic
-from scripts_common import TINY, data_flags, last_json, read_jsonl, run
+from scripts_common import TINY, data_flags, last_json, read_jsonl, run, start, wait_for
 
 
 def test_teacher_ddp_equals_one_process_even_with_a_rank_without_positives(tmp_path):
@@ -92,3 +96,36 @@ def test_detection_on_a_folder_under_torchrun_equals_one_process(trained):
     assert [e["file_name"] for e in entries[1]] == sorted(os.listdir(f"{data}/val2017"))
     for a, b in zip(*entries):  # same per-image canvas in 1 and 2 processes: the same detections
         assert a["category_ids"] == b["category_ids"] and a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+
+
+@pytest.mark.parametrize("target", ["one rank", "the whole job"])
+def test_sigterm_under_torchrun_saves_and_every_rank_exits_143(trained, target):
+    """What a scheduler sees: the ranks save together and exit 143 (torchrun's summary lists exitcode 143), and
+    torchrun itself exits 1: it does not pass 143 through. Rank 0's last line says --resume."""
+    tmp, data = trained
+    out = tmp / f"sigterm_{target.replace(' ', '_')}"
+    args = [*TINY, *data_flags(data), "--checkpoint-period", 100000, "--output-dir", out]
+    proc = start("train_teacher.py", *args, "--iters", 100000, nproc=2)
+    try:
+        wait_for(lambda: (out / "log.jsonl").exists() and len(read_jsonl(out / "log.jsonl")) >= 2, proc)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        if target == "one rank":
+            os.kill(int(workers[-1]), signal.SIGTERM)
+        else:  # scancel, kill -TERM -PGID: torchrun and both ranks
+            os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr[-3000:]
+    metrics = json.loads(stdout.strip().splitlines()[-1])  # rank 0's metrics line: stopped, with the signal
+    assert metrics["stopped"] and metrics["signal"] == "SIGTERM"
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["iteration"]
+    assert saved == metrics["iterations"] > 0
+    assert f"interrupted by SIGTERM at iteration {saved}" in stderr and "--resume" in stderr
+    if target == "one rank":  # torchrun's summary: each rank it saw fail, with its exit status
+        statuses = re.findall(r"exitcode\s*: (-?\d+)", stderr)
+        assert statuses and set(statuses) == {"143"}, stderr[-3000:]
+    resumed = last_json(run("train_teacher.py", *args, "--iters", saved + 1, "--no-eval", "--resume", nproc=2))
+    assert resumed["start_iteration"] == saved and resumed["iterations"] == saved + 1

@@ -432,15 +432,21 @@ def test_a_finished_or_unfinished_run_is_not_replaced_without_overwrite(tmp_path
 
 
 def test_second_writer_is_refused_and_unwritable_dir_fails_first(tmp_path):
-    import fcntl
+    import subprocess
+    import sys
     out = tmp_path / "busy"
     out.mkdir()
-    with open(out / outdir.LOCK, "w") as held:  # another process's lock (flock: per open file)
-        held.write("4242\n")
-        held.flush()
-        fcntl.flock(held, fcntl.LOCK_EX)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(out / outdir.LOCK)!r}, 'a+'); f.write('4242\\n'); f.flush()\n"
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)  # another run's lock: a POSIX record lock
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match="in use by another run .pid 4242"):
             run_toy(out, iters=1)
+    finally:
+        holder.kill()
+        holder.wait()
     assert not (out / "log.jsonl").exists()
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not writable"):
@@ -479,6 +485,43 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
     with pytest.raises(SystemExit) as e:  # a script reports it in one line, exit status 1
         run_script(main)
     assert e.value.code == 1 and "disk full" in capsys.readouterr().err
+
+
+class _FullDisk:
+    """open() of the msad module under test, where appending to log.jsonl from the `after`-th line on hits a
+    full disk (ENOSPC at write time, as a real full disk does); every other file opens as usual."""
+
+    def __init__(self, after: int):
+        self.after, self.lines = after, 0
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if str(path).endswith("log.jsonl") and "a" in mode:
+            self.lines += 1
+            if self.lines >= self.after:
+                import errno
+                f.close()
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return f
+
+
+def test_a_full_disk_while_appending_the_log_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "open", _FullDisk(after=3), raising=False)
+    with pytest.raises(checkpoint.DiskFullError) as e:
+        run_toy(tmp_path, iters=10, checkpoint_period=1, log_period=1)
+    assert "log.jsonl" in str(e.value) and "the last checkpoint" in str(e.value) and "is kept" in str(e.value)
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint.pth")["iteration"] == 2  # before the failed line
+    assert len(read_log(tmp_path)) == 2
+    from msad.cli import run_script
+
+    def main(argv):
+        run_toy(tmp_path, iters=10, checkpoint_period=1, log_period=1, resume=True)
+
+    monkeypatch.setattr(checkpoint, "open", _FullDisk(after=1), raising=False)
+    with pytest.raises(SystemExit) as e:  # a script: one line, exit status 1, no traceback
+        run_script(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: disk full")
 
 
 def test_resume_with_other_arguments_names_them(tmp_path, capsys):

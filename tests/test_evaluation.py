@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_detections_file_matches_cocoeval_called_directly(tmp_path, capsys):
         ev = COCOeval(gt, gt.loadRes(str(path)), "bbox")
         ev.evaluate(), ev.accumulate(), ev.summarize()
     for name, value in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), ev.stats[:6]):
-        assert metrics[name] == pytest.approx(round(100 * value, 3)), name
+        assert metrics[name] == (pytest.approx(round(100 * value, 3)) if value >= 0 else None), name
     assert 0 < metrics["AP"] < 100
 
 
@@ -81,14 +82,29 @@ def test_no_detections_score_zero_instead_of_crashing(tmp_path):
     assert coco_evaluate(dataset.coco, [], verbose=False)["AP"] == 0.0
 
 
-@pytest.mark.parametrize("content, words", [("[{]", "not valid JSON"), ('{"a": 1}', "JSON list"),
-                                            ('[{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]', "category_id")])
+@pytest.mark.parametrize("content, words", [
+    ("[{]", "not valid JSON"), ('{"a": 1}', "JSON list"),
+    ('[{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]', "detections[0] lacks category_id"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": 5, "score": 1}]', "detections[0] field 'bbox' must be a list"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": null, "score": 1}]', "got None"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1, "x": "\xff"}]', "not UTF-8 text"),
+])
 def test_bad_detections_file_is_one_clear_error(tmp_path, content, words):
     path = tmp_path / "dets.json"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=words) as err:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=re.escape(words)) as err:
         load_results(str(path))
-    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert f"--detections {path}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_size_without_ground_truth_objects_is_null_not_minus_100(tmp_path, capsys):
+    ann, _, data = clean_coco(tmp_path)  # no box above 96 x 96 px: COCOeval's APl is -1
+    assert all(a["bbox"][2] * a["bbox"][3] < 96 ** 2 for a in data["annotations"])
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps(ground_truth_as_detections(data)))
+    metrics = run_evaluate(["--detections", str(dets), "--val-ann", ann, "--output-dir", str(tmp_path / "o")], capsys)
+    assert metrics["APl"] is None and metrics["AP"] == pytest.approx(100.0)
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["APl"] is None
 
 
 def test_ground_truth_without_area_field_still_evaluates(tmp_path, capsys):

@@ -1,12 +1,14 @@
 """Inference as a user meets it (issue: evaluation independent of the batch, detection on a folder of images,
 pictures): a tiny student trained here for a few steps on demo images, so that it detects something."""
+import errno
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import evaluate
 from msad.data import CocoDetection, collate
@@ -95,11 +97,13 @@ def test_images_folder_gives_detections_with_names_and_skips_unreadable_files(tr
     data = (folder / "photo0.png").read_bytes()
     (folder / "truncated.png").write_bytes(data[:len(data) // 2])  # header fine, fails at decode
     (folder / "notes.txt").write_text("not a picture: ignored")
+    os.mkfifo(folder / "fifo.jpg")  # not a regular file: listed, never opened (it would block)
     thresh = 0.2
     metrics = run_evaluate("--checkpoint", trained["checkpoint"], "--images", folder, "--score-thresh", thresh,
                            "--output-dir", tmp_path / "out", "--eval-batch-size", 1, "--vis", tmp_path / "vis")
-    assert metrics["skipped"] == ["broken.jpg", "truncated.png"] and metrics["images"] == 3
-    assert "broken.jpg" in caplog.text and "truncated.png" in caplog.text  # reported by name
+    assert metrics["skipped"] == ["broken.jpg", "fifo.jpg", "truncated.png"] and metrics["images"] == 3
+    for name in ("broken.jpg", "fifo.jpg", "truncated.png"):  # each reported by name, once
+        assert sum(name in r.getMessage() for r in caplog.records) == 1, name
     entries = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [e["file_name"] for e in entries] == ["photo0.png", "photo1.png", "photo2.png"]
     assert len(metrics["vis"]) == 3 and all(p.endswith(".png") for p in metrics["vis"])
@@ -118,6 +122,52 @@ def test_images_folder_gives_detections_with_names_and_skips_unreadable_files(tr
         xyxy = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in expected)]
         assert torch.allclose(torch.tensor(entry["boxes"]).reshape(-1, 4), torch.tensor(xyxy).reshape(-1, 4),
                               atol=0.02)
+
+
+def test_a_phone_photo_with_exif_orientation_is_detected_upright(trained, tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (rotate to display) is processed as it is displayed:
+    the same detections as its upright pixels saved plainly, boxes in the upright image's pixels."""
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    with Image.open(trained["dataset"].image_path(0)) as im:
+        upright = im.convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(folder / "a_phone.jpg", exif=exif, quality=95)  # portrait raw
+    with Image.open(folder / "a_phone.jpg") as im:
+        ImageOps.exif_transpose(im).save(folder / "b_upright.png")  # the pixels a viewer shows, without EXIF
+    metrics = run_evaluate("--checkpoint", trained["checkpoint"], "--images", folder, "--output-dir", tmp_path / "out",
+                           "--vis", tmp_path / "vis", "--vis-thresh", 0.05)
+    assert metrics["skipped"] == [] and metrics["images"] == 2
+    phone, plain = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert phone["scores"] and phone["boxes"] == plain["boxes"] and phone["scores"] == plain["scores"]
+    boxes = torch.tensor(phone["boxes"])
+    assert (boxes[:, 2] <= upright.width).all() and (boxes[:, 3] <= upright.height).all()
+    assert upright.width != upright.height
+    with Image.open(tmp_path / "vis" / "a_phone.jpg.png") as picture:  # drawn upright too (and upscaled)
+        assert picture.width == round(upright.width * max(1.0, MIN_SHORT_SIDE / min(upright.size)))
+
+
+def test_evaluation_on_a_full_disk_keeps_the_previous_outputs_whole(trained, tmp_path, monkeypatch):
+    from msad import checkpoint
+    flags = ["--checkpoint", trained["checkpoint"], "--val-ann", trained["val"][0], "--val-images", trained["val"][1],
+             "--output-dir", tmp_path / "out"]
+    run_evaluate(*flags)
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("detections.json", "metrics.json")}
+
+    def full(path, mode="r", *args, **kwargs):  # the disk fills up while detections.json is written
+        f = open(path, mode, *args, **kwargs)
+        if "detections.json" in str(path) and "w" in mode:
+            f.write(b"[{\"image_id\": 1")
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr(checkpoint, "open", full, raising=False)
+    with pytest.raises(checkpoint.DiskFullError, match="detections.json; the previous detections.json is kept"):
+        run_evaluate(*flags, "--score-thresh", 0.5)
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["detections.json", "metrics.json"]
 
 
 def test_checkpoint_without_category_names_loads_with_numeric_names(trained, tmp_path):

@@ -1,15 +1,19 @@
 """The three scripts end to end, as a user runs them, on a tiny slice of the demo data (issue: quick start),
 and the one-line errors for bad arguments before any work starts (issue: reliability)."""
 import argparse
+import contextlib
 import json
 import math
+import os
+import signal
+import subprocess
 
 import pytest
 import torch
 
 from msad.cli import resolve
 from msad.synthetic import ensure_synthetic
-from scripts_common import TINY, data_flags, last_json, read_jsonl, run
+from scripts_common import TINY, data_flags, last_json, read_jsonl, run, start, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +150,9 @@ def test_teacher_starts_from_a_trained_hr_detector_and_takes_its_architecture(de
                tmp / "hr_fcos" / "model_final.pth", "--output-dir", tmp / "init_teacher")
     assert last_json(proc)["kind"] == "teacher"
     said = next(line for line in proc.stdout.splitlines() if line.startswith("init-from"))
-    assert "loaded 2" in said and "fpn.lateral.p2.weight" in said and "fusion.gate.0.weight" in said, said
+    detector = torch.load(tmp / "hr_fcos" / "model_final.pth", weights_only=True)["model"]
+    assert f"loaded {len(detector)} tensors" in said, said  # all of the detector
+    assert "fpn.lateral.p2.weight" in said and "fusion.gate.0.weight" in said, said
     assert torch.load(tmp / "init_teacher" / "model_final.pth", weights_only=True)["args"]["head_convs"] == 2
     proc = run("train_teacher.py", *tiny, *data, "--iters", 1, "--init-from", tmp / "teacher" / "model_final.pth",
                "--output-dir", tmp / "bad_init")
@@ -216,6 +222,29 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(demo):
     one_line_error(run("train_teacher.py", *args), "unfinished run", "--resume", "--overwrite")
 
 
+def test_resume_right_after_sigkill_is_not_refused_by_the_lock(demo):
+    """The lock belongs to the killed process alone: its data loader workers, which outlive it by seconds, do not
+    hold it (they would with flock), so a scheduler that requeues at once, or a user, can resume at once."""
+    from msad import outdir
+    out = demo["tmp"] / "sigkill"
+    args = [*TINY, *data_flags(demo["data"]), "--checkpoint-period", 2, "--workers", 2, "--output-dir", out]
+    proc = start("train_teacher.py", *args, "--iters", 100000)
+    try:
+        wait_for(lambda: (out / "checkpoint.pth").exists(), proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only: its workers live on for a while
+        proc.wait(timeout=30)
+        orphans = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        lock = outdir._lock_and_test(out)  # what --resume does first; refused while a worker held an flock
+        lock.close()
+        assert orphans, "the workers were gone already: nothing was tested"
+        done = torch.load(out / "checkpoint.pth", weights_only=True)["iteration"]
+        resumed = run("train_teacher.py", *args, "--iters", done + 1, "--no-eval", "--resume")
+        assert resumed.returncode == 0 and f"continuing at iteration {done}" in resumed.stdout, resumed.stderr[-2000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_rerun_into_a_finished_run_is_refused_in_one_line(demo):
     out = demo["tmp"] / "teacher"
     before = (out / "model_final.pth").read_bytes()
@@ -224,12 +253,30 @@ def test_rerun_into_a_finished_run_is_refused_in_one_line(demo):
     assert (out / "model_final.pth").read_bytes() == before
 
 
+def test_resuming_a_finished_run_or_a_refused_start_touches_no_file(demo, tmp_path):
+    out, data = demo["tmp"] / "teacher", data_flags(demo["data"])
+    files = {name: (out / name).read_bytes() for name in ("model_final.pth", "checkpoint.pth", "metrics.json",
+                                                          "log.jsonl", "config.json")}
+    proc = run("train_teacher.py", *TINY, *data, "--iters", 3, "--resume", "--output-dir", out)
+    assert proc.returncode == 0 and "already finished at iteration 3" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == json.loads(files["metrics.json"])
+    # resumed for longer with another architecture: refused; --overwrite whose data does not parse: refused
+    one_line_error(run("train_teacher.py", *TINY, *data, "--iters", 5, "--resume", "--head-convs", 2,
+                       "--output-dir", out), "--resume", "--head-convs 2 (checkpoint: 1)")
+    (tmp_path / "bad.json").write_text("{")
+    one_line_error(run("train_teacher.py", *TINY, *data, "--train-ann", tmp_path / "bad.json", "--iters", 5,
+                       "--overwrite", "--output-dir", out), "bad.json", "malformed JSON")
+    assert {name: (out / name).read_bytes() for name in files} == files
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--iters", "0"], ["--iters 0"]), (["--iters", "-5"], ["--iters -5"]), (["--lr", "nan"], ["--lr nan"]),
     (["--lr", "0"], ["--lr 0"]), (["--eval-batch-size", "0"], ["--eval-batch-size 0"]),
     (["--max-size", "0"], ["--max-size"]), (["--fpn-channels", "0"], ["--fpn-channels 0"]),
     (["--max-images", "0"], ["--max-images 0"]), (["--device", "gpu"], ["--device gpu"]),
     (["--amp", "fp16", "--device", "cpu"], ["--amp fp16", "CUDA"]),
+    (["--fused-weight", "nan"], ["--fused-weight nan", "finite"]), (["--fused-weight", "-1"], ["--fused-weight -1.0"]),
+    (["--cff-hidden", "-1"], ["--cff-hidden -1"]), (["--weight-decay", "inf"], ["--weight-decay inf"]),
 ])
 def test_bad_arguments_are_refused_before_any_work(flags, words, capsys):
     import train_teacher
@@ -300,11 +347,27 @@ def test_evaluate_without_ground_truth_writes_detections_and_says_so(demo, tmp_p
     assert isinstance(json.loads((tmp_path / "o" / "detections.json").read_text()), list)
 
 
-def test_evaluate_checks_its_output_folders_first_and_names_the_missing_teacher(tmp_path):
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_non_finite_or_negative_distillation_weight_is_refused_first(value, tmp_path, capsys):
+    import train_student
+    with pytest.raises(SystemExit, match=f"--kd-weight {float(value)}: must be a finite number"):
+        train_student.main(["--kd-weight", value, "--teacher", str(tmp_path / "none.pth"), "--output-dir",
+                            str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()
+
+
+def test_evaluate_checks_flags_then_its_output_folders_first_and_names_the_missing_teacher(tmp_path):
     import train_student
     (tmp_path / "file").write_text("")
     proc = run("evaluate.py", "--vis", tmp_path / "file", "--output-dir", tmp_path / "o", "--device", "cpu")
-    one_line_error(proc, "--vis", "cannot create")
+    one_line_error(proc, "--vis", "cannot write into this folder")
+    for flags, words in ((["--score-thresh", "nan"], "--score-thresh nan: must be a score from 0 to 1"),
+                         (["--eval-batch-size", "0"], "--eval-batch-size 0"), (["--device", "gpu"], "--device gpu")):
+        proc = run("evaluate.py", *flags, "--output-dir", tmp_path / "o2", "--vis", tmp_path / "v2")
+        one_line_error(proc, words)
+        assert not (tmp_path / "o2").exists() and not (tmp_path / "v2").exists()  # nothing made for a bad command
+    proc = run("evaluate.py", "--output-dir", "/proc", "--device", "cpu")  # exists, but takes no file
+    one_line_error(proc, "--output-dir /proc: cannot write into this folder")
     with pytest.raises(FileNotFoundError, match="does not exist yet: run python train_teacher.py first"):
         train_student.main(["--teacher", str(tmp_path / "t.pth"), "--output-dir", str(tmp_path / "s")])
 
@@ -330,5 +393,5 @@ def test_distillation_weight_comes_from_the_preset_and_is_never_negative():
     assert PRESETS["coco"]["student"]["kd_weight"] == KD_WEIGHT == pytest.approx(0.2 * 3)  # alpha * T, released
     assert preset_value(argparse.Namespace(preset="demo", kd_weight=None), "kd_weight", "student") == 2.0
     assert preset_value(argparse.Namespace(preset="coco", kd_weight=0.0), "kd_weight", "student") == 0.0
-    with pytest.raises(SystemExit, match="--kd-weight -1.0: must be at least 0"):
+    with pytest.raises(SystemExit, match="--kd-weight -1.0: must be a finite number of at least 0"):
         resolve(argparse.Namespace(preset="demo", kd_weight=-1.0, device="cpu", amp=None), "student")
