@@ -1,8 +1,9 @@
-"""Stage 2 of MSAD: distil the frozen multi-scale teacher into a low-resolution student (paper Sec. 3.4).
+r"""Stage 2 of MSAD: distil the frozen multi-scale teacher into a low-resolution student (paper Sec. 3.4).
 
 The student is FCOS on P2..P6 of the half-size image; its pyramid imitates the teacher's fused pyramid
-with L_KD = 0.2 * 3 * sum_l mean |S_l - F_l| (linear warm-up over 500 iterations; 100 in the 400-iteration
-demo), on top of its FCOS loss. At 5 iterations it logs diagnostics to log.jsonl (msad/diagnostics.py).
+with L_KD = w * sum_l mean |S_l - F_l|, on top of its FCOS loss: w = alpha * T = 0.2 x 3 = 0.6 in the released
+code (--preset coco), 2 in the demo preset, with a linear warm-up over 500 iterations (100 in the demo).
+At 5 iterations it logs diagnostics to log.jsonl (msad/diagnostics.py).
 
 CPU demo (after `python train_teacher.py`):
     python train_student.py

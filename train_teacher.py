@@ -1,4 +1,4 @@
-"""Stage 1 of MSAD: aligned multi-scale training of the teacher with C-FF (paper Sec. 3.2-3.3),
+r"""Stage 1 of MSAD: aligned multi-scale training of the teacher with C-FF (paper Sec. 3.2-3.3),
 or a vanilla FCOS baseline with --mode single.
 
 CPU demo (no flags: generates data/synthetic, trains the demo teacher):

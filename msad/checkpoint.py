@@ -20,8 +20,6 @@ import torch
 from . import dist
 from .outdir import CHECKPOINT, FINAL
 
-RENAMED_ARGS = {"lr_mode": "low_res_mode"}  # old argument name -> current, in checkpoints' "args"
-
 # ----------------------------------------------------------------------------- atomic files and checkpoints
 
 class WriteError(OSError):
@@ -127,7 +125,6 @@ def load_checkpoint(path, expected_kind: str | None = None, made_by: str | None 
                          f"fields{', missing ' + ', '.join(missing) if missing and isinstance(ckpt, dict) else ''})")
     if expected_kind is not None and ckpt["kind"] != expected_kind:
         raise ValueError(f"{path} holds a {ckpt['kind']!r} checkpoint, expected {expected_kind!r}")
-    ckpt["args"] = {RENAMED_ARGS.get(k, k): v for k, v in ckpt["args"].items()}  # older checkpoints load too
     return ckpt
 
 
@@ -193,9 +190,7 @@ def save_checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, aux) ->
     rng_per_rank = dist.all_gather_objects(rng_state(cfg.device))
     if dist.is_main_process():
         ckpt = _checkpoint(model, optimizer, scheduler, scaler, iteration, cfg, aux)
-        # "rng" is rank 0's state; each rank restores its own from "rng_per_rank" on resume.
-        ckpt["rng"] = rng_per_rank[0]
-        ckpt["rng_per_rank"] = rng_per_rank
+        ckpt["rng_per_rank"] = rng_per_rank  # each rank restores its own on resume
         save_atomic(ckpt, Path(cfg.output_dir) / CHECKPOINT)
     dist.barrier()
 
@@ -241,7 +236,7 @@ def resume(model, optimizer, scheduler, scaler, cfg, aux) -> int:
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
-    rank, per_rank = dist.get_rank(), ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    rank, per_rank = dist.get_rank(), ckpt["rng_per_rank"]
     if rank < len(per_rank):  # a job resumed with more processes keeps the new ranks' own seeds
         set_rng_state(per_rank[rank], cfg.device)
     if main:

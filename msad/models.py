@@ -278,12 +278,9 @@ def model_from_checkpoint(ckpt: dict, path: str, branch: str | None = None) -> n
 
 
 def checkpoint_categories(ckpt: dict) -> tuple[list, list]:
-    """(category ids, class names) of the model's contiguous labels 0..C-1, stored at training time.
-
-    Checkpoints written before they were stored load with ids 0..C-1 and those numbers as names.
-    """
+    """(category ids, class names) of the model's contiguous labels 0..C-1, stored at training time (and by
+    msad/convert.py)."""
     args = ckpt["args"]
-    if args.get("cat_ids") is not None and args.get("class_names") is not None:
-        return list(args["cat_ids"]), [str(n) for n in args["class_names"]]
-    ids = list(range(int(args["num_classes"])))
-    return ids, [str(i) for i in ids]
+    if args.get("cat_ids") is None or args.get("class_names") is None:
+        raise ValueError("the checkpoint's args hold no category ids and names (cat_ids, class_names)")
+    return list(args["cat_ids"]), [str(n) for n in args["class_names"]]

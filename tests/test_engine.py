@@ -229,16 +229,17 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     seed_all(0)
     run_toy(tmp_path, iters=4, checkpoint_period=2)
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True, map_location="cpu")
-    assert {"kind", "model", "optimizer", "scheduler", "scaler", "iteration", "args", "rng"} <= ckpt.keys()
+    assert {"kind", "model", "optimizer", "scheduler", "scaler", "iteration", "args", "rng_per_rank"} <= ckpt.keys()
     assert ckpt["kind"] == "fcos" and ckpt["iteration"] == 4 and ckpt["scaler"] is None
     assert ckpt["args"] == {"iters": 4}
-    assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
+    (rng,) = ckpt["rng_per_rank"]  # one process: one state
+    assert set(rng) == {"torch", "cuda", "numpy", "python"}
     final = torch.load(tmp_path / "model_final.pth", weights_only=True, map_location="cpu")
     assert set(final) == {"kind", "model", "args", "iteration"}
     # the saved RNG states round-trip: restoring them twice gives the same draws
     draws = []
     for _ in range(2):
-        checkpoint.set_rng_state(ckpt["rng"], torch.device("cpu"))
+        checkpoint.set_rng_state(rng, torch.device("cpu"))
         draws.append((torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]))
     assert draws[0] == draws[1]
 

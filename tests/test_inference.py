@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 import evaluate
 from msad.data import CocoDetection, collate
 from msad.samplers import build_eval_loader
-from msad.models import ModelConfig, build_model, checkpoint_categories
+from msad.models import ModelConfig, build_model
 from msad.synthetic import ensure_synthetic
 from msad.vis import MIN_SHORT_SIDE
 
@@ -168,21 +168,6 @@ def test_evaluation_on_a_full_disk_keeps_the_previous_outputs_whole(trained, tmp
         run_evaluate(*flags, "--score-thresh", 0.5)
     assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["detections.json", "metrics.json"]
-
-
-def test_checkpoint_without_category_names_loads_with_numeric_names(trained, tmp_path):
-    ckpt = torch.load(trained["checkpoint"], weights_only=True)
-    assert checkpoint_categories(ckpt) == (trained["dataset"].cat_ids, trained["dataset"].class_names)
-    del ckpt["args"]["cat_ids"], ckpt["args"]["class_names"]  # as saved before categories were stored
-    old = tmp_path / "old.pth"
-    torch.save(ckpt, old)
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    shutil.copy(trained["dataset"].image_path(0), folder / "a.png")
-    run_evaluate("--checkpoint", old, "--images", folder, "--output-dir", tmp_path / "out")
-    (entry,) = json.loads((tmp_path / "out" / "detections.json").read_text())
-    assert entry["category_names"] and entry["category_names"] == [str(i) for i in entry["category_ids"]]
-    assert set(entry["category_ids"]) <= set(range(trained["dataset"].num_classes))
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # e.g. NumPy's "non-writable array" warning

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from msad import align
-from msad.checkpoint import load_checkpoint
 from msad.imagenet import normalize
 from msad.decode import make_points
 from msad.fcos_loss import assign_targets, fcos_losses, level_ranges
@@ -148,15 +147,6 @@ def test_checkpoint_branch_selection(tiny_cfg):
     assert model.branch == "lr"
     assert torch.equal(model.state_dict()["fusion.gate.0.weight"], teacher.state_dict()["fusion.gate.0.weight"])
     assert model_from_checkpoint(checkpoint(teacher, "teacher", tiny_cfg), "t.pth").branch == "fused"
-
-
-def test_checkpoint_saved_with_the_old_lr_mode_argument_keeps_its_low_res_mode(tiny_cfg, tmp_path):
-    cfg = replace(tiny_cfg, low_res_mode="antialias")
-    ckpt = checkpoint(build_model("student", cfg), "student", cfg)
-    ckpt["args"]["lr_mode"] = ckpt["args"].pop("low_res_mode")  # as saved before the rename
-    torch.save(ckpt, tmp_path / "old.pth")
-    model = model_from_checkpoint(load_checkpoint(tmp_path / "old.pth", "student"), "old.pth")
-    assert model.cfg.low_res_mode == "antialias"
 
 
 def test_checkpoint_without_fusion_rejects_the_fused_branch(tiny_cfg):

@@ -56,9 +56,15 @@ def test_each_run_keeps_its_resolved_configuration_in_config_json(demo):
     assert all(saved[k] == v for k, v in config.items())  # what the checkpoint was trained with
 
 
-def test_help_shows_each_presets_value():
+def test_help_shows_every_default_and_the_docstrings_examples_as_written():
     proc = run("train_teacher.py", "--help")
-    assert proc.returncode == 0 and "[coco: 0.01; demo: 0.02]" in " ".join(proc.stdout.split())  # --lr
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "[coco: 0.01; demo: 0.02]" in text  # --lr: each preset's value
+    assert "[coco: 180000; demo: 1200]" in text  # --iters of the teacher
+    options = text.split("options:", 1)[1]
+    for flag, default in (("--weight-decay", "0.0001"), ("--seed", "0"), ("--log-period", "20")):  # no preset's
+        assert f"[default: {default}]" in options.split(f"{flag} {flag[2:].upper().replace('-', '_')}", 1)[1][:120]
+    assert "--data-root data/coco \\\n" in proc.stdout  # a continued example line stays two lines
 
 
 def test_teacher_script_writes_checkpoint_log_and_metrics(demo):
@@ -294,16 +300,6 @@ def test_freeze_at_out_of_range_and_cuda_without_cuda_are_refused(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
             train_teacher.parse_args(["--device", "cuda"])
-
-
-def test_old_lr_mode_flag_is_a_hidden_alias_of_low_res_mode(capsys):
-    import train_teacher
-    assert train_teacher.parse_args(["--lr-mode", "antialias"]).low_res_mode == "antialias"
-    assert train_teacher.parse_args([]).low_res_mode == "nearest"  # the preset's
-    with pytest.raises(SystemExit):
-        train_teacher.parse_args(["--help"])
-    help_text = capsys.readouterr().out
-    assert "--low-res-mode" in help_text and "--lr-mode" not in help_text
 
 
 def test_missing_data_root_is_an_error_not_generated_data(tmp_path, monkeypatch):
