@@ -16,7 +16,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msad import align  # noqa: E402
+from msad import align, convert  # noqa: E402
 from msad.data import ImageBatch  # noqa: E402
 from msad.models import build_model  # noqa: E402
 
@@ -91,27 +91,13 @@ def same_detections(a: dict, b: dict, atol: float = 1e-3) -> bool:
 
 
 def copy_weights_to_torchvision(ours, theirs) -> None:
-    """Load our FCOS weights into torchvision's FCOS (same architecture once our Scales are 1)."""
+    """Load our FCOS weights into torchvision's FCOS (same architecture once our Scales are 1): the key map of
+    python -m msad.convert torchvision, run backwards."""
     if any(float(s.scale.detach()) != 1.0 for s in ours.head.scales):
         raise ValueError("torchvision's FCOS has no per-level Scale; ours must be at 1.0")
-    fpn = {"lateral": "inner_blocks", "output": "layer_blocks"}
-    head = {"cls_tower": "classification_head.conv", "cls_logits": "classification_head.cls_logits",
-            "box_tower": "regression_head.conv", "box_pred": "regression_head.bbox_reg",
-            "ctr_pred": "regression_head.bbox_ctrness"}
-    state = {}
-    for k, v in ours.state_dict().items():
-        part, rest = k.split(".", 1)
-        if part == "backbone":
-            state[f"backbone.body.{rest}"] = v
-        elif part == "fpn" and rest.startswith(("p6.", "p7.")):
-            state[f"backbone.fpn.extra_blocks.{rest}"] = v
-        elif part == "fpn":
-            kind, name, p = rest.split(".", 2)  # lateral.p3.weight -> inner_blocks.0.0.weight
-            state[f"backbone.fpn.{fpn[kind]}.{int(name[1]) - 3}.0.{p}"] = v
-        elif part == "head" and not rest.startswith("scales"):
-            mod, p = rest.split(".", 1)
-            state[f"head.{head[mod]}.{p}"] = v
-    theirs.load_state_dict(state, strict=True)
+    state = ours.state_dict()
+    entries = convert.entries_for("torchvision", "fcos", 1.0, state)
+    theirs.load_state_dict({e.source: e.inverse(state[e.ours]) for e in entries}, strict=True)
 
 
 def set_dense_head(*heads_biases) -> None:

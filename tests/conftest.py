@@ -20,10 +20,26 @@ def seeded():
     `pytestmark = pytest.mark.usefixtures("seeded")`; the thread count is restored afterwards.
     """
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    yield from _threads(1)
+
+
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole module of tiny models (see `seeded`)."""
+    yield from _threads(1)
+
+
+@pytest.fixture(scope="module")
+def two_threads():
+    """Both cores for a module of full-size (R50) models."""
+    yield from _threads(2)
 
 
 @pytest.fixture

@@ -20,12 +20,7 @@ from scripts_common import run
 SIZES = [(256, 384), (384, 256), (256, 512)]  # multiples of 128: neither model resizes or pads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 @pytest.fixture(scope="module")

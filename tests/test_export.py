@@ -18,12 +18,7 @@ CFG = ModelConfig(backbone="resnet18", width=0.25, norm="gn", freeze_at=0, fpn_c
                   num_classes=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def detecting(kind: str, cfg: ModelConfig = CFG, seed: int = 0):

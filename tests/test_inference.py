@@ -20,13 +20,7 @@ from msad.vis import MIN_SHORT_SIDE
 TEST_SIZE, MAX_SIZE = 128, 160
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation (see conftest's `seeded`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
