@@ -46,6 +46,7 @@ DROPPABLE = re.compile(r"num_batches_tracked$")  # BN step counters: no value at
 
 @dataclass
 class Entry:
+    """One tensor of ours, the source tensor it comes from, and the map between them (both ways)."""
     ours: str
     source: str
     fn: Callable = lambda t: t  # source tensor -> ours
@@ -57,7 +58,7 @@ def _rgb_std(t):  # a BGR-input conv (0..255 minus mean) -> our RGB input divide
     return t.flip(1) * torch.tensor(IMAGENET_STD).mul(255).view(1, 3, 1, 1)
 
 
-def _bgr_unit(t):
+def _bgr_unit(t):  # the inverse of _rgb_std
     return (t / torch.tensor(IMAGENET_STD).mul(255).view(1, 3, 1, 1)).flip(1)
 
 

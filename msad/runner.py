@@ -33,7 +33,7 @@ def start(args, training: bool = True, needs_data: bool = True) -> dist.DistInfo
     """
     if training:
         args.batch_per_process = dist.check_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
-        if args.resume:
+        if args.resume and not args.overwrite:  # both: refused just below
             exit_if_finished(args)
         if int(os.environ.get("RANK", 0)) == 0:  # checks, then creates, test-writes and locks the folder
             outdir.claim_output_dir(args.output_dir, args.resume, args.overwrite)
