@@ -60,7 +60,7 @@ def test_help_shows_every_default_and_the_docstrings_examples_as_written():
     proc = run("train_teacher.py", "--help")
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0 and "[coco: 0.01; demo: 0.02]" in text  # --lr: each preset's value
-    assert "[coco: 180000; demo: 1200]" in text  # --iters of the teacher
+    assert "[coco: 180000; demo: 800]" in text  # --iters of the teacher
     options = text.split("options:", 1)[1]
     for flag, default in (("--weight-decay", "0.0001"), ("--seed", "0"), ("--log-period", "20")):  # no preset's
         assert f"[default: {default}]" in options.split(f"{flag} {flag[2:].upper().replace('-', '_')}", 1)[1][:120]
