@@ -76,20 +76,17 @@ def _raise_write_error(e: BaseException, path, kept: str) -> None:
         raise WriteError(f"cannot write {path} ({e.strerror or e}); {kept}") from None
 
 
-def kept_checkpoint(output_dir) -> str:
-    """What a failed write leaves to resume from, for its one-line error."""
-    path = Path(output_dir) / CHECKPOINT
-    return f"the last checkpoint {path} is kept" if path.exists() else "no checkpoint was written yet"
-
-
-def append_line(path, line: str, kept: str) -> None:
-    """Append one line to a log file (log.jsonl), flushed; a full disk is one line saying what is `kept`."""
+def append_line(path, line: str) -> None:
+    """Append one line to a run's log file (log.jsonl), flushed; a full disk is one line naming the checkpoint
+    kept beside it."""
     try:
         with open(path, "a") as f:
             f.write(line + "\n")
             f.flush()
     except OSError as e:
-        _raise_write_error(e, path, kept)
+        ckpt = Path(path).parent / CHECKPOINT
+        _raise_write_error(e, path, f"the last checkpoint {ckpt} is kept" if ckpt.exists()
+                           else "no checkpoint was written yet")
 
 
 def save_atomic(obj, path) -> None:

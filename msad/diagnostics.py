@@ -8,13 +8,12 @@
 Both are averaged over processes (all-reduce), so 1 and N processes report the same numbers.
 """
 import json
-import os
 
 import torch
 
 from . import dist
 from .align import HR_LEVELS
-from .checkpoint import append_line, kept_checkpoint
+from .checkpoint import append_line
 
 
 class CFFWeights:
@@ -93,7 +92,7 @@ class StudentProbe:
         record["grad_ratio_all"] = round((kd_all / det_all) ** 0.5 if det_all > 0 else float("nan"), 6)
         self.records[iteration] = record
         if self.log_path is not None and dist.is_main_process():
-            append_line(self.log_path, json.dumps(record), kept_checkpoint(os.path.dirname(self.log_path)))
+            append_line(self.log_path, json.dumps(record))
 
     def summary(self) -> dict:
         """Per-level mean |S - F| at the first and last probe, and the gradient ratios per probed iteration

@@ -194,7 +194,7 @@ class _Logger:
         record = {"iter": iteration, "learning_rate": lr, **terms, "loss": sum(terms.values()),
                   "time": self.time / max(self.n, 1), "data_time": self.data_time / max(self.n, 1),
                   "max_mem_mb": mem}
-        checkpoint.append_line(self.path, json.dumps(record), checkpoint.kept_checkpoint(self.path.parent))
+        checkpoint.append_line(self.path, json.dumps(record))
         self._reset()
 
 
