@@ -11,7 +11,7 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import dist, engine, outdir
+from . import dist, engine, outdir, samplers
 from .align import HR_PAD
 from .checkpoint import CHECKPOINT, load_checkpoint, write_json_atomic
 from .outdir import FINAL
@@ -180,25 +180,37 @@ def finish(args, info, result: dict, metrics: dict) -> dict | None:
     """metrics.json and the final JSON line (the loop's result, then `metrics`) on rank 0.
 
     A run stopped by SIGINT / SIGTERM (checkpoint saved) then exits 130 / 143, its last line saying how to resume.
-    Under torchrun every rank does, together (a barrier first): torchrun stops the other ranks as soon as one
-    rank has exited, so a rank that lagged behind would be reported killed instead of 143.
+    Under torchrun every rank does, together (a barrier first): torchrun stops the other ranks with SIGTERM as
+    soon as one rank has exited, so a rank still closing down then exits with the same status, not killed.
     """
     metrics = {"output_dir": args.output_dir, **{k: v for k, v in result.items() if not isinstance(v, dict)},
                **metrics}
     if info.is_main:
         write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
-    if result.get("stopped"):
+    if not result.get("stopped"):
+        dist.cleanup()
+        return metrics if info.is_main else None
+    # not 0: `train_teacher.py && train_student.py` must not go on with no teacher
+    code = 128 + signal.Signals[result["signal"]]  # 130 after SIGINT, 143 after SIGTERM (shell convention)
+    if info.is_main:
+        print(f"interrupted by {result['signal']} at iteration {result['iterations']} of {args.iters}: "
+              f"rerun the same command with --resume to continue from "
+              f"{os.path.join(args.output_dir, CHECKPOINT)}", file=sys.stderr, flush=True)
+    if info.world_size > 1:
+        # torchrun sends SIGTERM to the other ranks as soon as one has exited, and Python restores the default
+        # handlers while it shuts down, so a rank still shutting down would be reported killed (-15). Everything
+        # is written and said: the workers go now, and each rank leaves at once, a late SIGTERM leaving alike.
+        samplers.kill_loader_workers()
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
         dist.barrier()
+        dist.cleanup()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     dist.cleanup()
-    if result.get("stopped"):  # not 0: `train_teacher.py && train_student.py` must not go on with no teacher
-        code = 128 + signal.Signals[result["signal"]]  # 130 after SIGINT, 143 after SIGTERM (shell convention)
-        if info.is_main:
-            print(f"interrupted by {result['signal']} at iteration {result['iterations']} of {args.iters}: "
-                  f"rerun the same command with --resume to continue from "
-                  f"{os.path.join(args.output_dir, CHECKPOINT)}", file=sys.stderr, flush=True)
-        raise SystemExit(code)
-    return metrics if info.is_main else None
+    raise SystemExit(code)
+
 
 
 def plain_args(args) -> dict:

@@ -112,8 +112,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 @atexit.register
-def _kill_workers_at_exit() -> None:
-    """At interpreter exit, kill this process's data loader workers (daemon children) that are still alive.
+def kill_loader_workers() -> None:
+    """At interpreter exit (or before os._exit), kill this process's data loader workers (daemon children) that
+    are still alive.
 
     multiprocessing's own exit handler, which runs after this one, stops daemon children with SIGTERM and then
     joins them; ours ignore SIGTERM (above), so after an unexpected exception whose traceback keeps a loader
