@@ -99,6 +99,23 @@ def write_json_atomic(obj, path, indent: int | None = 2) -> None:
     write_atomic(path, lambda f: f.write((json.dumps(obj, indent=indent) + "\n").encode()))
 
 
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip format, and a (legacy) pickle
+
+
+def load_refusal(path, e: Exception) -> str:
+    """Why torch.load(path, weights_only=True) raised `e`, in a few words: a file that is not a torch file at
+    all (text, an image) is said to be one, not given the unpickler's stray message (a text file's is `'101'`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return f"cannot read it: {err.strerror or err}"
+    if not head.startswith(TORCH_FILE_STARTS):
+        return f"not a file of torch.save: it starts with {head!r}" if head else "the file is empty"
+    reason = (str(e).strip().splitlines() or [""])[0]
+    return f"refused by torch.load(weights_only=True): {type(e).__name__}" + (f": {reason}" if reason else "")
+
+
 def load_checkpoint(path, expected_kind: str | None = None, made_by: str | None = None) -> dict:
     """Load a checkpoint safely (weights_only=True, on CPU).
 
@@ -113,9 +130,7 @@ def load_checkpoint(path, expected_kind: str | None = None, made_by: str | None 
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path} is not a valid checkpoint (refused by torch.load(weights_only=True): "
-                         f"{reason})") from None
+        raise ValueError(f"{path} is not a valid checkpoint ({load_refusal(path, e)})") from None
     missing = [k for k in ("kind", "model", "args") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing or not isinstance(ckpt["args"], dict):
         raise ValueError(f"{path} is not a valid checkpoint (expected a dict with 'kind', 'model' and 'args' "

@@ -23,6 +23,7 @@ input channels gives the same first layer exactly (zero padding included).
 """
 import argparse
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 import torchvision
 
 from .backbone import DEPTHS
-from .checkpoint import save_atomic
+from .checkpoint import load_refusal, save_atomic
 from .cli import run_script
 from .imagenet import IMAGENET_STD
 from .models import ModelConfig, build_model
@@ -44,14 +45,29 @@ WIDTHS = (0.25, 0.5, 0.75, 1.0)  # the released slimmable ResNet-50 (one BN set 
 DROPPABLE = re.compile(r"num_batches_tracked$")  # BN step counters: no value at inference
 
 
+def _same(source_shape, our_shape) -> bool:
+    return tuple(source_shape) == tuple(our_shape)
+
+
+def _sliced(n: int) -> Callable:
+    """A slimmable tensor cut to its first entries in its first n dims: at least ours there, equal elsewhere."""
+    return lambda s, o: len(s) == len(o) and all(a >= b for a, b in zip(s[:n], o[:n])) and _same(s[n:], o[n:])
+
+
+def _single(source_shape, our_shape) -> bool:
+    return math.prod(source_shape) == 1
+
+
 @dataclass
 class Entry:
-    """One tensor of ours, the source tensor it comes from, and the map between them (both ways)."""
+    """One tensor of ours, the source tensor it comes from, and the map between them (both ways).
+    fits(source shape, our shape) says whether `fn` can make ours from that source tensor: checked first."""
     ours: str
     source: str
     fn: Callable = lambda t: t  # source tensor -> ours
     inverse: Callable = lambda t: t  # ours -> source tensor (the round trip)
     note: str = ""
+    fits: Callable = _same
 
 
 def _rgb_std(t):  # a BGR-input conv (0..255 minus mean) -> our RGB input divided by the std
@@ -76,15 +92,16 @@ def _resnet_blocks(depth=50):
     return [(s, b) for s, n in enumerate(DEPTHS[depth][1], 1) for b in range(n)]
 
 
-def _bn(ours, source, fn=lambda t: t):
-    return [Entry(f"{ours}.{p}", f"{source}.{p}", fn) for p in ("weight", "bias", "running_mean", "running_var")]
+def _bn(ours, source, fn=lambda t: t, fits=_same):
+    return [Entry(f"{ours}.{p}", f"{source}.{p}", fn, fits=fits)
+            for p in ("weight", "bias", "running_mean", "running_var")]
 
 
 def _head(source, names, scales: bool):
     """The FCOS head: {our module: theirs} for convs (weight and bias), and the per-level Scales ([1] -> [])."""
     e = [Entry(f"head.{ours}.{p}", f"{source}.{theirs}.{p}") for ours, theirs in names.items() for p in ("weight", "bias")]
-    return e + [Entry(f"head.scales.{i}.scale", f"{source}.scales.{i}.scale", _scalar, lambda t: t.reshape(1))
-                for i in range(5) if scales]
+    return e + [Entry(f"head.scales.{i}.scale", f"{source}.scales.{i}.scale", _scalar, lambda t: t.reshape(1),
+                      fits=_single) for i in range(5) if scales]
 
 
 def _towers(tower_names, num_convs=4):
@@ -103,7 +120,12 @@ def torchvision_entries():
                scales=False)
     rows = torch.tensor(COCO_IDS)  # 91 logits indexed by category id -> the 80 COCO classes
     return e + [Entry(f"head.cls_logits.{p}", f"head.classification_head.cls_logits.{p}", lambda t: t[rows],
-                      note="the 80 rows of the COCO ids (of 91)") for p in ("weight", "bias")]
+                      note="the 80 rows of the COCO ids (of 91)", fits=_all_coco_ids) for p in ("weight", "bias")]
+
+
+def _all_coco_ids(source_shape, our_shape) -> bool:
+    """torchvision's logits: one row per id 0..90 (91), of which ours keep the 80 used ones."""
+    return tuple(source_shape) == (len(_TV_NAMES), *our_shape[1:])
 
 
 def _torchvision_resnet(model_state):
@@ -131,18 +153,19 @@ def _slimmable_resnet(prefix, width):
     cut to `width`; each BN holds one set per width (bn.0 .. bn.3 for 0.25 .. 1.0)."""
     w, base = WIDTHS.index(width), int(64 * width)
     e = [Entry("backbone.conv1.weight", f"{prefix}.features.0.0.weight", lambda t: _rgb_std(t[:base]), _bgr_unit,
-               f"first {base} filters, BGR -> RGB, std folded")]
-    e += _bn("backbone.bn1", f"{prefix}.features.0.1.bn.{w}", _first(base))
+               f"first {base} filters, BGR -> RGB, std folded", _sliced(1))]
+    e += _bn("backbone.bn1", f"{prefix}.features.0.1.bn.{w}", _first(base), _sliced(1))
     inp = base
     for n, (s, b) in enumerate(_resnet_blocks(), 1):
         src, ours = f"{prefix}.features.{n}", f"backbone.layer{s}.{b}"
         mid = base * 2 ** (s - 1)
         for k, (conv, bn, out, i) in enumerate(((0, 1, mid, inp), (3, 4, mid, mid), (6, 7, 4 * mid, mid)), 1):
-            e += [Entry(f"{ours}.conv{k}.weight", f"{src}.body.{conv}.weight", _first(out, i)),
-                  *_bn(f"{ours}.bn{k}", f"{src}.body.{bn}.bn.{w}", _first(out))]
+            e += [Entry(f"{ours}.conv{k}.weight", f"{src}.body.{conv}.weight", _first(out, i), fits=_sliced(2)),
+                  *_bn(f"{ours}.bn{k}", f"{src}.body.{bn}.bn.{w}", _first(out), _sliced(1))]
         if b == 0:
-            e += [Entry(f"{ours}.downsample.0.weight", f"{src}.shortcut.0.weight", _first(4 * mid, inp)),
-                  *_bn(f"{ours}.downsample.1", f"{src}.shortcut.1.bn.{w}", _first(4 * mid))]
+            e += [Entry(f"{ours}.downsample.0.weight", f"{src}.shortcut.0.weight", _first(4 * mid, inp),
+                        fits=_sliced(2)),
+                  *_bn(f"{ours}.downsample.1", f"{src}.shortcut.1.bn.{w}", _first(4 * mid), _sliced(1))]
         inp = 4 * mid
     return e
 
@@ -194,8 +217,7 @@ def load_source(path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
     except Exception as e:  # a pickle with code, numpy arrays (a detectron2 .pkl), garbage, a torn file
-        raise ValueError(f"{path} is not a loadable torch checkpoint (refused by torch.load(weights_only=True): "
-                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+        raise ValueError(f"{path} is not a loadable torch checkpoint ({load_refusal(path, e)})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not state:
@@ -203,31 +225,41 @@ def load_source(path) -> dict:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def infer_width(state) -> float:
+def infer_width(state) -> float | None:
     """The slimmable width a released MSAD file was trained at, from its FPN's input channels (256 x width)."""
     lateral = next((v for k, v in state.items() if re.fullmatch(r"[TS]_backbone\.fpn_lateral2\.weight", k)), None)
-    return 1.0 if lateral is None else lateral.shape[1] / 256
+    return None if lateral is None or lateral.dim() != 4 else lateral.shape[1] / 256
+
+
+def _msad_width(state, path, width: float | None) -> float:
+    """The width of a released MSAD file (one of WIDTHS); --width, if given, must be it."""
+    found = infer_width(state)
+    if found is None:
+        raise ValueError(f"{path} has no 4-d fpn_lateral2.weight (T_ or S_backbone), whose input channels give the "
+                         f"width it was trained at")
+    if width is not None and width != found:
+        raise ValueError(f"--width {width}: {path} was trained at width {found} (its FPN reads "
+                         f"{int(256 * found)} channels of res2)")
+    if found not in WIDTHS:
+        raise ValueError(f"{path}: width {found} is not one of the released {WIDTHS}")
+    return found
 
 
 def plan(fmt: str, state: dict, path, width: float | None):
-    """(kind, ModelConfig, entries) for a source file of format `fmt`; refuses a file of another format."""
+    """(kind, ModelConfig, entries) for a source file of format `fmt`; refuses a file of another format first."""
     signature, options = FORMATS[fmt]
     kind = "fcos"
-    if fmt == "msad":
+    if fmt == "msad":  # a released student file holds S_ (and mostly its frozen teacher, T_)
         kind = "student" if "S_backbone.bottom_up.features.0.0.weight" in state else "teacher"
-        found = infer_width(state)
-        if width is not None and width != found:
-            raise ValueError(f"--width {width}: {path} was trained at width {found} (its FPN reads "
-                             f"{int(256 * found)} channels of res2)")
-        width = found
-        if width not in WIDTHS:
-            raise ValueError(f"{path}: width {width} is not one of the released {WIDTHS}")
-    elif width not in (None, 1.0):
-        raise ValueError(f"--width is for the released slimmable MSAD files, not {fmt}")
-    missing = [k for k in signature if k not in state] if fmt != "msad" or kind == "teacher" else []
+        signature = tuple(k.replace("T_", "S_", 1) for k in signature) if kind == "student" else signature
+    missing = [k for k in signature if k not in state]
     if missing:
         raise ValueError(f"{path} is not a {fmt} checkpoint: it lacks {', '.join(missing)}; its first keys: "
                          f"{', '.join(list(state)[:4])}")
+    if fmt == "msad":
+        width = _msad_width(state, path, width)
+    elif width not in (None, 1.0):
+        raise ValueError(f"--width {width} is for the released slimmable MSAD files; a {fmt} file has no other width")
     cfg = ModelConfig(width=width or 1.0, num_classes=len(COCO_IDS), **options)
     model_state = build_model(kind, cfg).state_dict()
     return kind, cfg, entries_for(fmt, kind, cfg.width, model_state), model_state
@@ -257,14 +289,7 @@ def convert(fmt: str, path, width: float | None = None) -> dict:
         unmatched = [k for k in state if k not in {e.source for e in entries}]
         raise ValueError(f"{path} does not match the {fmt} format: {len(absent)} expected keys are missing (first: "
                          f"{', '.join(absent[:3])}); first keys that matched nothing: {', '.join(unmatched[:3])}")
-    converted, shapes = {}, []
-    for e in entries:
-        t = e.fn(state[e.source]).to(model_state[e.ours].dtype)
-        if t.shape != model_state[e.ours].shape:
-            shapes.append(f"{e.source} {tuple(state[e.source].shape)} -> {e.ours} {tuple(model_state[e.ours].shape)}")
-        converted[e.ours] = t.contiguous()
-    if shapes:
-        raise ValueError(f"{path}: tensors of the wrong shape for this architecture: {'; '.join(shapes[:3])}")
+    converted = transform(entries, state, model_state, path)
     new = [k for k in model_state if k not in converted]
     pattern, why = EXPECTED_NEW.get(fmt, ("$^", ""))
     if any(not re.fullmatch(pattern, k) for k in new):
@@ -282,6 +307,22 @@ def convert(fmt: str, path, width: float | None = None) -> dict:
     return {"kind": kind, "model": {k: converted.get(k, model_state[k]) for k in model_state}, "args": args,
             "iteration": 0, "converted_from": {"format": fmt, "file": os.path.basename(str(path)),
                                                "map": {e.ours: e.source for e in entries}}, "report": report}
+
+
+def transform(entries, state: dict, model_state: dict, path) -> dict:
+    """Our tensors from the source's: every shape checked before any transform, non-finite values refused."""
+    wrong = [f"{e.source} {tuple(state[e.source].shape)} for {e.ours} {tuple(model_state[e.ours].shape)}"
+             for e in entries if not e.fits(state[e.source].shape, model_state[e.ours].shape)]
+    if wrong:
+        raise ValueError(f"{path}: {len(wrong)} tensors of a shape this architecture cannot take (first: "
+                         f"{'; '.join(wrong[:3])})")
+    converted = {e.ours: e.fn(state[e.source]).to(model_state[e.ours].dtype).contiguous() for e in entries}
+    bad = next((e for e in entries if converted[e.ours].is_floating_point() and
+                not converted[e.ours].isfinite().all()), None)
+    if bad is not None:
+        count = int((~converted[bad.ours].isfinite()).sum())
+        raise ValueError(f"{path}: {bad.source} holds {count} NaN or infinite values (for {bad.ours}); not converted")
+    return converted
 
 
 def droppable(fmt: str, kind: str, key: str) -> bool:
@@ -302,13 +343,25 @@ def _groups(keys) -> str:
     return ", ".join(f"{n} {g}" for g, n in counts.items())
 
 
+def check_output(src, out, overwrite: bool) -> None:
+    """Before any work: OUT is never SRC (the same file, however named), and an existing OUT needs --overwrite."""
+    if os.path.realpath(out) == os.path.realpath(src) or (
+            os.path.exists(out) and os.path.exists(src) and os.path.samefile(out, src)):
+        raise ValueError(f"OUT {out} is the source file {src}: converting would replace the download; "
+                         f"give another OUT")
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"OUT {out} already exists; add --overwrite to replace it, or give another OUT")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("format", choices=sorted(FORMATS), help="what SRC is")
     p.add_argument("src", help="the downloaded checkpoint")
     p.add_argument("out", help="this project's checkpoint to write (e.g. weights/fcos_torchvision.pth)")
     p.add_argument("--width", type=float, help="msad: the slimmable width (default: read from the file)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never SRC itself)")
     args = p.parse_args(argv)
+    check_output(args.src, args.out, args.overwrite)
     ckpt = convert(args.format, args.src, args.width)
     report = ckpt.pop("report")
     print(f"loaded: {len(report['loaded'])} source tensors into {_groups(ckpt['converted_from']['map'])}")

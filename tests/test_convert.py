@@ -2,6 +2,7 @@
 AdelaiDet's and the released MSAD files, built here with their documented names and shapes, map tensor by
 tensor and back."""
 import json
+import re
 
 import pytest
 import torch
@@ -271,3 +272,79 @@ def test_unknown_tensors_are_refused_not_dropped(tmp_path):
     torch.save(source, tmp_path / "fcos.pth")
     with pytest.raises(ValueError, match="has no place for"):
         convert.convert("adelaidet", tmp_path / "fcos.pth")
+
+
+# ------------------------------------------------------------------ reliability: what convert refuses, in one line
+@pytest.fixture(scope="module")
+def adelaidet_file(tmp_path_factory):
+    source = adelaidet_state(torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("adelaidet") / "FCOS_R_50_1x.pth"
+    torch.save({"model": source}, path)
+    return source, path
+
+
+def test_out_is_never_the_source_and_an_existing_out_needs_overwrite(adelaidet_file, tmp_path):
+    _, src = adelaidet_file
+    before = src.read_bytes()
+    (tmp_path / "link.pth").symlink_to(src)
+    for out in (src, tmp_path / "link.pth", f"{src.parent}/./{src.name}"):  # the same file, however named
+        with pytest.raises(ValueError, match="is the source file"):
+            convert.main(["adelaidet", str(src), str(out), "--overwrite"])
+    assert src.read_bytes() == before
+    out = tmp_path / "model_final.pth"
+    out.write_bytes(b"a trained model")
+    with pytest.raises(FileExistsError, match="already exists; add --overwrite"):
+        convert.main(["adelaidet", str(src), str(out)])
+    assert out.read_bytes() == b"a trained model"
+    assert convert.main(["adelaidet", str(src), str(out), "--overwrite"])["kind"] == "fcos"
+    assert torch.load(out, weights_only=True)["converted_from"]["format"] == "adelaidet"
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(adelaidet_file, tmp_path):
+    source, _ = adelaidet_file
+    bad = dict(source)
+    bad["backbone.fpn_output4.bias"] = source["backbone.fpn_output4.bias"].clone()
+    bad["backbone.fpn_output4.bias"][[3, 7]] = torch.tensor([float("nan"), float("inf")])
+    torch.save(bad, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"backbone\.fpn_output4\.bias holds 2 NaN or infinite values"):
+        convert.main(["adelaidet", str(tmp_path / "nan.pth"), str(tmp_path / "out.pth")])
+    assert not (tmp_path / "out.pth").exists()
+
+
+def _adelaidet_with(source, key, value):
+    return {**source, key: value}
+
+
+@pytest.mark.parametrize("key,shape", [
+    ("backbone.bottom_up.stem.conv1.weight", (64, 4, 7, 7)),  # an RGBA / 4-channel stem
+    ("proposal_generator.fcos_head.scales.2.scale", (2,)),
+    ("proposal_generator.fcos_head.cls_logits.weight", (20, 256, 3, 3)),  # another dataset's classes
+])
+def test_a_tensor_of_the_wrong_shape_is_one_line_naming_it_and_both_shapes(adelaidet_file, tmp_path, key, shape):
+    source, _ = adelaidet_file
+    torch.save(_adelaidet_with(source, key, torch.zeros(shape)), tmp_path / "fcos.pth")
+    with pytest.raises(ValueError, match=re.escape(f"{key} {shape}")) as e:
+        convert.convert("adelaidet", tmp_path / "fcos.pth")
+    assert "cannot take" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_torchvision_fcos_of_another_class_count_is_one_line(tmp_path):
+    tv = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)
+    torch.save(tv.state_dict(), tmp_path / "fcos2.pth")
+    with pytest.raises(ValueError, match=re.escape("head.classification_head.cls_logits.weight (2, 256, 3, 3) "
+                                                   "for head.cls_logits.weight (80, 256, 3, 3)")):
+        convert.convert("torchvision", tmp_path / "fcos2.pth")
+
+
+def test_width_and_text_files_are_refused_with_their_real_reason(torchvision_fcos, tmp_path):
+    _, path = torchvision_fcos
+    with pytest.raises(ValueError, match="is not a msad checkpoint: it lacks T_backbone") as e:
+        convert.main(["msad", str(path), str(tmp_path / "o.pth"), "--width", "0.5"])
+    assert "trained at width" not in str(e.value)
+    with pytest.raises(ValueError, match="--width 0.5 is for the released slimmable MSAD files"):
+        convert.main(["torchvision", str(path), str(tmp_path / "o.pth"), "--width", "0.5"])
+    (tmp_path / "notes.pth").write_text("hello, this is a text file\n")
+    with pytest.raises(ValueError, match=r"not a file of torch.save: it starts with b'hello, t'") as e:
+        convert.main(["torchvision", str(tmp_path / "notes.pth"), str(tmp_path / "o.pth")])
+    assert "101" not in str(e.value)
+    assert not (tmp_path / "o.pth").exists()
