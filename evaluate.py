@@ -12,18 +12,19 @@
 import argparse
 import json
 import os
+import sys
 
-from msad import dist, runner, vis
+from msad import dist, outdir, runner, vis
 from msad.align import HR_PAD
 from msad.cli import add_data_args, check_device, check_ranges, make_output_dir, print_metrics_line, resolve, run_script, show_preset_values
-from msad.data import CocoDetection, ImageFolder
+from msad.data import CocoDetection, ImageFolder, check_images_exist
 from msad.samplers import build_eval_loader
 from msad.diagnostics import CFFWeights
 from msad.checkpoint import load_checkpoint, write_json_atomic
 from msad.cost import model_cost
 from msad.engine import AMP_DTYPES
 from msad.export import load_exported
-from msad.evaluation import check_results, coco_evaluate, detect_images, load_results
+from msad.evaluation import check_categories, check_results, coco_evaluate, detect_images, evaluate, load_results
 from msad.models import checkpoint_categories, model_from_checkpoint
 
 DEFAULT_CHECKPOINT = "runs/student/model_final.pth"  # where the demo's train_student.py writes the student
@@ -82,6 +83,25 @@ def detect_folder(args, info, model, ckpt) -> dict | None:
     return metrics
 
 
+def val_data(args, info, ckpt) -> CocoDetection:
+    """The val set, checked before any inference: its images exist, and its categories are the model's."""
+    dataset = runner.val_dataset(args)
+    check_images_exist(dataset)
+    categories = checkpoint_categories(ckpt)
+    unscored = check_categories(categories, dataset, f"--checkpoint {args.checkpoint}")
+    if unscored and info.is_main:
+        print(f"note: {dataset.ann_file} holds {len(dataset.cat_ids)} of the model's {len(categories[0])} categories; "
+              f"the detections of the other {len(unscored)} are left out", file=sys.stderr, flush=True)
+    return dataset
+
+
+def evaluate_val(args, info, model, dataset, ckpt):
+    """COCO evaluation on the checked val set, labels mapped through the checkpoint's category ids."""
+    loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
+    return evaluate(model, loader, dataset, info.device, args.output_dir, args.amp, args.score_thresh,
+                    cat_ids=checkpoint_categories(ckpt)[0])
+
+
 def vis_thresh(args) -> float:
     return max(args.vis_thresh, args.score_thresh)
 
@@ -92,6 +112,8 @@ def main(argv=None):
     check_device(args)
     for flag in ("output_dir", "vis"):  # fail now, not after the inference
         make_output_dir(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes the outputs: one run at a time per folder
+        outdir.lock_output_dir(args.output_dir)
     if args.detections:
         metrics = evaluate_file(args)
         write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
@@ -109,6 +131,7 @@ def main(argv=None):
     args.preset = args.preset or "demo"
     args = resolve(args, None)  # the preset's data and evaluation settings; no training stage
     info = runner.start(args, training=False, needs_data=not args.images)
+    dataset = None if args.images else val_data(args, info, ckpt)
     model = program.to_device(info.device, args.branch) if exported else \
         model_from_checkpoint(ckpt, args.checkpoint, args.branch).to(info.device)
     if args.images:
@@ -116,14 +139,13 @@ def main(argv=None):
         cff_weights = None
     else:
         with CFFWeights(model if getattr(model, "branch", None) == "fused" else None) as cff:  # C-FF a_H, a_L
-            evaluated = runner.evaluate_model(args, info, model, output_dir=args.output_dir,
-                                              min_score=args.score_thresh)
+            evaluated = evaluate_val(args, info, model, dataset, ckpt)
         cff_weights = cff.summary()  # a collective: every rank calls it
         metrics = None if evaluated is None else evaluated[0] | model_cost(model, evaluated[1])
         if info.is_main and args.vis:
             count = 8 if args.vis_count is None else args.vis_count
             with open(os.path.join(args.output_dir, "detections.json")) as f:
-                items = vis.coco_items(runner.val_dataset(args), json.load(f), count)
+                items = vis.coco_items(dataset, json.load(f), count)
             metrics["vis"] = vis.save_pictures(items, args.vis, vis_thresh(args))
     if info.is_main:
         metrics |= {"cff_weights": cff_weights} if cff_weights else {}

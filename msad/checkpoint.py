@@ -11,6 +11,9 @@ import errno
 import json
 import os
 import random
+import re
+import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -39,19 +42,51 @@ def _is_disk_full(e: BaseException | None) -> bool:
     return False
 
 
-def write_atomic(path, write) -> None:
+def _temp_name(path: Path) -> Path:
+    """A hidden temp file beside `path`, this writer's own: .NAME.HOST.PID.RANDOM.tmp (two processes writing
+    one file at once never share one, so neither tears the other's nor reports a false failure)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temp files of `path` left by writers of this host that died (SIGKILL, power loss)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(socket.gethostname())}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            m = pattern.fullmatch(entry.name)
+            if m and not _alive(int(m.group(1))):
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def write_atomic(path, write, before_replace=None) -> None:
     """Write through `write(file)` to a hidden temp file beside `path`, fsync it, then rename over `path`.
 
     os.replace is atomic on POSIX, so readers (and a resume after SIGKILL) see the old file or the
-    new one, never a partial one. On any error the temp file is removed and `path` is untouched.
+    new one, never a partial one. On any error, Ctrl-C included, the temp file is removed and `path` is
+    untouched; the temp files of killed writers are removed by the next write of the same file.
+    `before_replace()` runs once the new file is whole, just before the rename (e.g. to remove a file that
+    belongs with the old one).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    _remove_stale_temps(path)
+    tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -94,9 +129,9 @@ def save_atomic(obj, path) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
-def write_json_atomic(obj, path, indent: int | None = 2) -> None:
+def write_json_atomic(obj, path, indent: int | None = 2, before_replace=None) -> None:
     """json.dump(obj, path), atomically (metrics.json, config.json, detections.json)."""
-    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=indent) + "\n").encode()))
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=indent) + "\n").encode()), before_replace)
 
 
 TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip format, and a (legacy) pickle
@@ -104,7 +139,7 @@ TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip format, and a (
 
 def load_refusal(path, e: Exception) -> str:
     """Why torch.load(path, weights_only=True) raised `e`, in a few words: a file that is not a torch file at
-    all (text, an image) is said to be one, not given the unpickler's stray message (a text file's is `'101'`)."""
+    all (text, an image) is said not to be one, not given the unpickler's stray message (a text file's is `'101'`)."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)

@@ -260,8 +260,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointErro
 
 
 def run_script(main, argv=None):
-    """Run a script's main(); a user error becomes `error: ...` on stderr and exit status 1.
-    Set MSAD_DEBUG=1 to see the full traceback instead."""
+    """Run a script's main(); a user error becomes `error: ...` on stderr and exit status 1, Ctrl-C one line and
+    exit status 130 (the shell's 128 + SIGINT). Set MSAD_DEBUG=1 to see the full traceback instead."""
     try:
         return main(argv)
     except USER_ERRORS as e:
@@ -270,3 +270,8 @@ def run_script(main, argv=None):
         message = " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits 130 itself)
+        if os.environ.get("MSAD_DEBUG"):
+            raise
+        print("interrupted by SIGINT (Ctrl-C); no file was left half-written", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

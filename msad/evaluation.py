@@ -23,15 +23,49 @@ from .engine import AMP_DTYPES
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def to_coco_results(detections, image_ids, label_to_cat_id):
-    """Per-image detections (xyxy, original pixels, contiguous labels) -> COCO results (xywh, category ids)."""
+def check_categories(categories, dataset, source: str) -> list[int]:
+    """Refuse, in one line, to score a model on a json whose categories it was not trained on; before inference.
+
+    The rule: every category of the json (`dataset`, a CocoDetection) is one of the model's, with the same id
+    and the same name (compared ignoring case and surrounding spaces). The model may know more: scoring it on a
+    subset of its categories is legitimate (COCOeval scores the json's categories only, and the detections of
+    the others are left out of the results). So a model trained with ids 5, 17, 99 is refused on the demo val
+    (ids 1, 2, 4, ..., 13), as is a COCO model there (id 1 is 'person' to it, 'disc' to the json), and a json
+    with a category the model cannot predict. categories: (ids, names) of the model's labels 0..C-1, from
+    models.checkpoint_categories or a training set; source names where they come from. Returns the model's ids
+    that the json lacks (their detections are dropped)."""
+    model = {int(i): str(n) for i, n in zip(*categories)}
+    unknown = [i for i in dataset.cat_ids if i not in model]
+    if unknown:
+        shown = ", ".join(f"{i} ({dataset.class_names[dataset.cat_ids.index(i)]!r})" for i in unknown[:3])
+        raise ValueError(f"{dataset.ann_file}: {len(unknown)} of its {len(dataset.cat_ids)} categories are not "
+                         f"among the {len(model)} of {source} (first: {shown}; the model's ids: "
+                         f"{_preview(list(model))}): evaluate it on a json of the categories it was trained on")
+    for i, name in zip(dataset.cat_ids, dataset.class_names):
+        if name.strip().lower() != model[i].strip().lower():
+            raise ValueError(f"{dataset.ann_file}: category {i} is {name!r}, but {model[i]!r} in {source}: the "
+                             f"model was trained on other categories under the same ids")
+    return [i for i in model if i not in set(dataset.cat_ids)]
+
+
+def _preview(ids: list, n: int = 8) -> str:
+    return ", ".join(map(str, ids[:n])) + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
+
+
+def to_coco_results(detections, image_ids, cat_ids, scored_ids=None):
+    """Per-image detections (xyxy, original pixels, contiguous labels) -> COCO results (xywh, category ids).
+
+    cat_ids: the model's category id of each label; detections of ids outside `scored_ids` (the json's, when
+    the model knows more categories than the json) are left out."""
+    lookup = np.asarray(cat_ids, dtype=np.int64)
     results = []
     for det, image_id in zip(detections, image_ids):
         boxes = det["boxes"].float().cpu()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        cats = label_to_cat_id(det["labels"].cpu())
+        cats = lookup[det["labels"].cpu().numpy()].tolist()
         results += [{"image_id": int(image_id), "category_id": int(c), "bbox": [round(v, 2) for v in b],
-                     "score": round(float(s), 5)} for b, c, s in zip(xywh, cats, det["scores"].cpu().tolist())]
+                     "score": round(float(s), 5)} for b, c, s in zip(xywh, cats, det["scores"].cpu().tolist())
+                    if scored_ids is None or c in scored_ids]
     return results
 
 
@@ -84,9 +118,17 @@ def _merge(results, image_ids, first):
 
 
 def _write_json(obj, output_dir):
-    """OUTPUT_DIR/detections.json, atomically: a failed write leaves the previous file whole."""
+    """OUTPUT_DIR/detections.json, atomically: a failed write (a full disk) leaves the previous detections.json
+    and metrics.json whole. Once the new file is whole, the previous metrics.json goes, just before the rename:
+    a run stopped before its scores (Ctrl-C in COCOeval) never leaves new detections beside old metrics."""
     if output_dir:
-        write_json_atomic(obj, os.path.join(output_dir, "detections.json"), indent=None)
+        write_json_atomic(obj, os.path.join(output_dir, "detections.json"), indent=None,
+                          before_replace=partial(_remove, os.path.join(output_dir, "metrics.json")))
+
+
+def _remove(path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def coco_evaluate(coco_gt, results, image_ids=None, verbose: bool = True) -> dict:
@@ -106,10 +148,12 @@ def coco_evaluate(coco_gt, results, image_ids=None, verbose: bool = True) -> dic
     return {name: round(100 * float(v), 3) if v >= 0 else None for name, v in zip(METRIC_NAMES, ev.stats[:6])}
 
 
-def evaluate(model, loader, dataset, device, output_dir=None, amp="none", min_score=0.0):
+def evaluate(model, loader, dataset, device, output_dir=None, amp="none", min_score=0.0, cat_ids=None):
     """Sharded inference, merge on rank 0, write detections.json, COCOeval. Returns (metrics, first batch) on
-    rank 0, else None."""
-    convert = partial(to_coco_results, label_to_cat_id=dataset.label_to_cat_id)
+    rank 0, else None. cat_ids: the model's category id of each label (default: the dataset's, for a model
+    trained on it); check_categories first."""
+    convert = partial(to_coco_results, cat_ids=dataset.cat_ids if cat_ids is None else cat_ids,
+                      scored_ids=set(dataset.cat_ids))
     merged = _merge(*inference(model, loader, device, convert, amp, min_score=min_score))
     if merged is None:
         return None

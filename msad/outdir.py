@@ -39,8 +39,14 @@ def claim_output_dir(output_dir, resume: bool = False, overwrite: bool = False) 
     even on SIGKILL (an flock would live on in the workers for seconds). A second call for the same folder
     checks again and keeps its lock. engine.train removes an overwritten run's files just before its first step.
     """
+    check_output_dir(output_dir, resume, overwrite)
+    lock_output_dir(output_dir)
+
+
+def lock_output_dir(output_dir) -> None:
+    """Create and test-write `output_dir` and hold OUTPUT_DIR/.lock until this process exits (a second process
+    locking it is refused in one line naming the holder's pid); training runs and evaluate.py both take it."""
     out = Path(output_dir)
-    check_output_dir(out, resume, overwrite)
     if str(out.resolve()) not in _LOCKS:
         _LOCKS[str(out.resolve())] = _lock_and_test(out)
 

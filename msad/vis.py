@@ -6,9 +6,10 @@ colour is which. Drawing is plain Pillow, on a copy of the image.
 """
 import os
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from .checkpoint import write_atomic
+from .data import decode_rgb
 
 MIN_SHORT_SIDE = 512
 DETECTION_COLOUR = (255, 140, 0)  # orange
@@ -92,12 +93,12 @@ def folder_items(dataset, entries: list, count: int) -> list:
 def save_pictures(items, out_dir: str, min_score: float = 0.3) -> list:
     """items: (image path, PNG file name, dict of `draw`'s box arguments); returns the paths written.
 
-    The image is drawn upright (EXIF orientation applied), as the boxes are; each picture is written atomically."""
+    Each picture shows the image the detector got (data.decode_rgb: upright as the boxes are, a 16-bit image
+    scaled to 8 bits) and is written atomically."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for path, name, boxes in items:
-        with Image.open(path) as im:
-            picture = draw(ImageOps.exif_transpose(im), min_score=min_score, **boxes)
+        picture = draw(decode_rgb(path), min_score=min_score, **boxes)
         out = os.path.join(out_dir, name)
         write_atomic(out, lambda f: picture.save(f, format="PNG", optimize=True))
         written.append(out)

@@ -161,7 +161,7 @@ def test_evaluation_on_a_full_disk_keeps_the_previous_outputs_whole(trained, tmp
     with pytest.raises(checkpoint.DiskFullError, match="detections.json; the previous detections.json is kept"):
         run_evaluate(*flags, "--score-thresh", 0.5)
     assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["detections.json", "metrics.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "detections.json", "metrics.json"]  # no temp file
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # e.g. NumPy's "non-writable array" warning
