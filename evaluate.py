@@ -22,9 +22,11 @@ from msad.samplers import build_eval_loader
 from msad.diagnostics import CFFWeights
 from msad.checkpoint import load_checkpoint, write_json_atomic
 from msad.cost import model_cost
+from msad.decode import Detector
 from msad.engine import AMP_DTYPES
 from msad.export import load_exported
-from msad.evaluation import check_categories, check_results, coco_evaluate, detect_images, evaluate, load_results
+from msad.evaluation import (canvas_multiple, check_categories, check_results, coco_evaluate, detect_images, evaluate,
+                             load_results)
 from msad.models import checkpoint_categories, model_from_checkpoint
 
 DEFAULT_CHECKPOINT = "runs/student/model_final.pth"  # where the demo's train_student.py writes the student
@@ -67,10 +69,10 @@ def evaluate_file(args) -> dict:
     return coco_evaluate(gt.coco, results, gt.image_ids) | {"images": len(gt.image_ids), "detections": args.detections}
 
 
-def detect_folder(args, info, model, ckpt) -> dict | None:
+def detect_folder(args, info, model, ckpt, pad: int) -> dict | None:
     """--images: detections.json for a folder of images, pictures with --vis; the summary on rank 0."""
     dataset = ImageFolder(args.images, args.test_size, args.max_size)
-    loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
+    loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, pad)
     entries, skipped, first = detect_images(model, loader, dataset, info.device, checkpoint_categories(ckpt),
                                             args.output_dir, args.amp, args.score_thresh)
     if not info.is_main:
@@ -95,9 +97,9 @@ def val_data(args, info, ckpt) -> CocoDetection:
     return dataset
 
 
-def evaluate_val(args, info, model, dataset, ckpt):
+def evaluate_val(args, info, model, dataset, ckpt, pad: int):
     """COCO evaluation on the checked val set, labels mapped through the checkpoint's category ids."""
-    loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, HR_PAD)
+    loader = build_eval_loader(dataset, args.eval_batch_size, info.rank, info.world_size, args.workers, pad)
     return evaluate(model, loader, dataset, info.device, args.output_dir, args.amp, args.score_thresh,
                     cat_ids=checkpoint_categories(ckpt)[0])
 
@@ -119,7 +121,7 @@ def main(argv=None):
         write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
         return metrics
-    exported = args.checkpoint.endswith(".pt2")
+    exported = args.checkpoint.endswith((".pt2", ".onnx"))  # a program of python -m msad.export
     if exported:
         program, ckpt = load_exported(args.checkpoint)
     else:
@@ -132,14 +134,15 @@ def main(argv=None):
     args = resolve(args, None)  # the preset's data and evaluation settings; no training stage
     info = runner.start(args, training=False, needs_data=not args.images)
     dataset = None if args.images else val_data(args, info, ckpt)
+    pad = HR_PAD if exported else canvas_multiple(ckpt)  # a program takes canvases of multiples of 128
     model = program.to_device(info.device, args.branch) if exported else \
-        model_from_checkpoint(ckpt, args.checkpoint, args.branch).to(info.device)
+        Detector(*model_from_checkpoint(ckpt, args.checkpoint, args.branch)).to(info.device)
     if args.images:
-        metrics = detect_folder(args, info, model, ckpt)
+        metrics = detect_folder(args, info, model, ckpt, pad)
         cff_weights = None
     else:
-        with CFFWeights(model if getattr(model, "branch", None) == "fused" else None) as cff:  # C-FF a_H, a_L
-            evaluated = evaluate_val(args, info, model, dataset, ckpt)
+        with CFFWeights(getattr(model, "model", None) if model.branch == "fused" else None) as cff:  # C-FF a_H, a_L
+            evaluated = evaluate_val(args, info, model, dataset, ckpt, pad)
         cff_weights = cff.summary()  # a collective: every rank calls it
         metrics = None if evaluated is None else evaluated[0] | model_cost(model, evaluated[1])
         if info.is_main and args.vis:
@@ -149,8 +152,8 @@ def main(argv=None):
             metrics["vis"] = vis.save_pictures(items, args.vis, vis_thresh(args))
     if info.is_main:
         metrics |= {"cff_weights": cff_weights} if cff_weights else {}
-        metrics |= {"checkpoint": args.checkpoint, "kind": ckpt["kind"], "branch": getattr(model, "branch", None)
-                    or ("lr" if ckpt["kind"] == "student" else "hr"), "test_size": args.test_size}
+        metrics |= {"checkpoint": args.checkpoint, "kind": ckpt["kind"], "branch": model.branch,
+                    "test_size": args.test_size}
         write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
     dist.cleanup()

@@ -19,10 +19,11 @@ import os
 from msad import engine, runner
 from msad.checkpoint import load_checkpoint
 from msad.cli import check_ranges, inherit_architecture, model_config, preset_value, resolve, run_script, show_preset_values, training_parser
+from msad.decode import Detector
 from msad.diagnostics import StudentProbe, probe_iterations
-from msad.distill import DISTANCES, NORMALIZE, FeatureDistillation, build_adapters
+from msad.distill import DISTANCES, NORMALIZE, DistillationLoss, FeatureDistillation, TrainableStudent, build_adapters
 from msad.engine import LOG
-from msad.models import DistilledStudent, build_model, init_backbone, load_partial, load_teacher
+from msad.models import build_model, frozen_teacher, init_backbone, load_partial
 
 SHAPE_KEYS = ("backbone", "width", "fpn_channels", "head_convs")  # what --init teacher needs to be the teacher's
 
@@ -53,13 +54,13 @@ def check_init(args, teacher_args: dict) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    teacher_args = None  # the teacher is needed to start from it (--init teacher) and to distil from it
+    teacher_ckpt = None  # the teacher is needed to start from it (--init teacher) and to distil from it
     args.kd_weight = preset_value(args, "kd_weight", "student")
     check_ranges(args)  # --kd-weight nan / inf / -1 before the teacher is looked for
     if args.init == "teacher" or args.kd_weight > 0:
-        teacher_args = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")["args"]
-        inherit_architecture(args, teacher_args)  # the student's architecture defaults to the teacher's
-        check_init(args, teacher_args)
+        teacher_ckpt = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")
+        inherit_architecture(args, teacher_ckpt["args"])  # the student's architecture defaults to the teacher's
+        check_init(args, teacher_ckpt["args"])
     args = resolve(args, "student")
     info = runner.start(args)  # output folder, process group, seeds, data checks: everything that can fail early
 
@@ -68,39 +69,39 @@ def main(argv=None):
 
     # model: the LR student (FCOS on P2-P6 of the half-size image), initialised from the teacher or ImageNet
     student = build_model("student", model_config(args))
-    teacher = None
-    if teacher_args is not None:
-        if teacher_args["num_classes"] != train_set.num_classes:
-            raise SystemExit(f"error: {args.teacher} was trained on {teacher_args['num_classes']} classes, "
-                             f"the training data has {train_set.num_classes}")
-        teacher, _ = load_teacher(args.teacher, info.device)  # frozen, eval mode, outside DDP
-        if args.init == "teacher":
-            load_partial(student, teacher.state_dict(), args.teacher)
-        if args.kd_weight <= 0:
-            teacher = None  # needed only to initialise the student: not kept (in memory) for the training
-    if args.init == "imagenet":
+    if teacher_ckpt is not None and teacher_ckpt["args"]["num_classes"] != train_set.num_classes:
+        raise SystemExit(f"error: {args.teacher} was trained on {teacher_ckpt['args']['num_classes']} classes, "
+                         f"the training data has {train_set.num_classes}")
+    if args.init == "teacher":
+        load_partial(student, teacher_ckpt["model"], args.teacher)
+    elif args.init == "imagenet":
         init_backbone(student, args.backbone_weights)
     student = runner.prepare_model(student, args, info)
 
-    # distillation: the wrapper owns the frozen teacher (not as a submodule) and, for a thinner student, the
-    # 1x1 adapters (trained with the student, saved in checkpoint.pth under "aux", not in the student)
-    kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss, args.kd_norm)
-    adapters = build_adapters(args.fpn_channels, teacher_args["fpn_channels"]) if args.kd_weight > 0 else None
+    # what trains: the student and, for a thinner student, the 1x1 adapters (saved in checkpoint.pth under
+    # "aux", not in the student); DDP around both
+    distil = args.kd_weight > 0
+    adapters = build_adapters(args.fpn_channels, teacher_ckpt["args"]["fpn_channels"]) if distil else None
     adapters = adapters.to(info.device) if adapters is not None else None
+    trainable = TrainableStudent(student, adapters)
+    model_ddp = runner.ddp(trainable, info)
+
+    # the loss L_FCOS + L_KD: it holds the frozen teacher (eval mode, outside DDP and the checkpoint) and runs it
+    teacher = frozen_teacher(teacher_ckpt, info.device) if distil else None
     probe = StudentProbe(probe_iterations(args.iters), os.path.join(args.output_dir, LOG))
-    distilled = DistilledStudent(student, kd, teacher, adapters, probe)
-    model_ddp = runner.ddp(distilled, info)
+    kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss, args.kd_norm)
+    criterion = DistillationLoss(teacher, kd, probe)
 
     # optimizer and lr schedule: the student's and the adapters' parameters
-    optimizer, scheduler = runner.optimizer_and_schedule(distilled, args)
+    optimizer, scheduler = runner.optimizer_and_schedule(trainable, args)
 
-    # the loop: every step is model_ddp(batch, iteration) -> dict of losses (FCOS + L_KD); checkpoints the student
-    result = engine.train(model_ddp, student, optimizer, scheduler, runner.train_batches(args, info, train_set),
-                          runner.train_config(args, info, "student"),
+    # the loop: losses = criterion(model_ddp(batch.images), batch, iteration); checkpoints the student
+    result = engine.train(model_ddp, criterion, student, optimizer, scheduler,
+                          runner.train_batches(args, info, train_set), runner.train_config(args, info, "student"),
                           aux={"adapters": adapters} if adapters is not None else None)
 
     # evaluation of the final student at low resolution and the metrics line
-    metrics = runner.final_evaluation(args, info, student, result)
+    metrics = runner.final_evaluation(args, info, Detector(student, "lr"), result)
     diagnostics = {"diagnostics": probe.summary()} if probe.records else {}
     return runner.finish(args, info, result, metrics | {"kind": "student", "kd_weight": args.kd_weight, **diagnostics})
 

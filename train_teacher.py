@@ -18,7 +18,10 @@ Baselines (the paper's Table 1), vanilla FCOS on P3..P7:
 from msad import engine, runner
 from msad.checkpoint import load_checkpoint
 from msad.cli import inherit_architecture, model_config, resolve, run_script, show_preset_values, training_parser
-from msad.models import FUSED_WEIGHT, build_model, init_backbone, load_partial
+from msad.decode import Detector
+from msad.fcos_loss import FCOSLoss
+from msad.models import build_model, default_branch, init_backbone, load_partial
+from msad.teacher_loss import FUSED_WEIGHT, TeacherLoss
 
 NEW_IN_TEACHER = ("fpn.lateral.p2.", "fpn.output.p2.")  # P2 (the LR branch's first level), absent from a P3-P7 FCOS
 
@@ -78,15 +81,17 @@ def main(argv=None):
     model = runner.prepare_model(model, args, info)
     model_ddp = runner.ddp(model, info)
 
-    # optimizer and lr schedule
+    # the loss: L_HR + L_LR + 0.4 L_fused (Sec. 3.2), or FCOS's own; optimizer and lr schedule
+    criterion = TeacherLoss(args.fused_weight) if kind == "teacher" else FCOSLoss()
     optimizer, scheduler = runner.optimizer_and_schedule(model, args)
 
-    # the loop: every step is model_ddp(batch, iteration) -> dict of losses; checkpoints, resume, log.jsonl
-    result = engine.train(model_ddp, model, optimizer, scheduler, runner.train_batches(args, info, train_set),
-                          runner.train_config(args, info, kind))
+    # the loop: losses = criterion(model_ddp(batch.images), batch, iteration); checkpoints, resume, log.jsonl
+    result = engine.train(model_ddp, criterion, model, optimizer, scheduler,
+                          runner.train_batches(args, info, train_set), runner.train_config(args, info, kind))
 
     # evaluation of the final model (the fused branch for the teacher) and the metrics line
-    metrics = runner.final_evaluation(args, info, model, result)
+    detector = Detector(model, default_branch(kind, model.cfg))
+    metrics = runner.final_evaluation(args, info, detector, result)
     return runner.finish(args, info, result, metrics | {"kind": kind})
 
 

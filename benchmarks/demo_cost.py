@@ -27,7 +27,8 @@ from msad.align import HR_PAD  # noqa: E402
 from msad.cli import PRESETS  # noqa: E402
 from msad.cost import count_params, flops_per_image  # noqa: E402
 from msad.data import CocoDetection  # noqa: E402
-from msad.models import ModelConfig, build_model  # noqa: E402
+from msad.decode import Detector  # noqa: E402
+from msad.models import ModelConfig, build_model, default_branch  # noqa: E402
 from msad.samplers import build_eval_loader  # noqa: E402
 from speed_parts import make_batch  # noqa: E402
 
@@ -62,7 +63,8 @@ def main(argv=None):
     rows = {}
     torch.set_num_threads(1)  # tiny models: one thread is as fast, and leaves the other core alone
     for name, (kind, test_size, change) in models.items():
-        model = build_model(kind, ModelConfig(**{**arch, "num_classes": num_classes, **change})).eval()
+        cfg = ModelConfig(**{**arch, "num_classes": num_classes, **change})
+        model = Detector(build_model(kind, cfg), default_branch(kind, cfg)).eval()
         dataset = CocoDetection(ann, os.path.join(args.data, "val2017"), False, (test_size,),
                                 max_size * test_size // hr_size)
         # The same picture unpadded: one 256x384 HR image (students halve it), or its 128x192 half for naive LR.

@@ -4,7 +4,9 @@ Every model runs on the same images at the COCO test size (short side 800, long 
 LR detector at 400 / 667), each padded to a multiple of 128 as evaluate.py pads it, eager (the model's own
 forward, as evaluate.py calls it) and exported (python -m msad.export's program), beside torchvision's
 fcos_resnet50_fpn on the same resized image with the same thresholds (0.05, top 1000 per level, NMS 0.6,
-100 detections). The weights are untrained; `--scores` sets how much the decoding has to do:
+100 detections), and with --onnx the same program in ONNX Runtime (CPU provider; modes onnx_LEVEL, one per
+graph optimisation level, intra-op threads --ort-threads). The weights are untrained; `--scores` sets how
+much the decoding has to do:
 
   dense  every classification bias at 0 (score 0.5 everywhere): every level keeps its top 1000 and NMS gets
          5000 boxes per image, the worst case for decoding (a trained model keeps far fewer)
@@ -15,15 +17,19 @@ machine hits every model alike); the table gives the median and p90 over the ima
 to HR FCOS beside its FLOPs ratio (GFLOPs per image on the same canvases, torch.utils.flop_counter).
 
     python benchmarks/latency.py                      # CPU, 2 threads, 20 images, both settings
+    python benchmarks/latency.py --onnx --ort-levels all,basic --models msad_student,light_128_0   # + ONNX Runtime
     python benchmarks/latency.py --device cuda --amp bf16
 """
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 
@@ -33,7 +39,8 @@ from msad.align import HR_PAD  # noqa: E402
 from msad.cost import flops_per_image  # noqa: E402
 from msad.data import ImageBatch, collate, resized_hw  # noqa: E402
 from msad.engine import AMP_DTYPES  # noqa: E402
-from msad.models import ModelConfig, build_model  # noqa: E402
+from msad.decode import Detector  # noqa: E402
+from msad.models import ModelConfig, build_model, default_branch  # noqa: E402
 from speed_parts import commit, machine, sync  # noqa: E402
 
 # name -> (kind, ModelConfig overrides, test size): the models of the README's cost table
@@ -81,20 +88,39 @@ def torchvision_fcos(scores: str, device):
     return set_scores(model, scores).eval().to(device)
 
 
-def build(scores: str, device):
-    """name -> (prepare(resized uint8 image) -> input, run(input), test size, our model for FLOPs or None).
-    Preparing (padding to the canvas, as the data loader does) is not timed; running, decoding included, is."""
+def onnx_runs(name: str, model, test_size: int, ort: dict, folder: str) -> dict:
+    """ONNX Runtime rows of one model (CPU provider), one per graph optimisation level in ort["levels"]: the
+    same program as python -m msad.export --output X.onnx, on the same padded canvas as the .pt2."""
+    from msad import onnx_export
+    path = f"{folder}/{name}.onnx"
+    onnx_export.save_onnx(onnx_export.to_onnx(export.export(model)), path, {}, ([], []))
     runs = {}
-    for name, (kind, overrides, test_size) in MODELS.items():
-        model = set_scores(build_model(kind, ModelConfig(**overrides)), scores).eval()
+    for level in ort["levels"]:
+        session = onnx_export.session(path, ort["threads"], level)
+        prepare = lambda im: {"image": image_batch(im).images[0].numpy(), "size": np.array(im.shape[-2:])}
+        runs[f"{name}/onnx_{level}"] = (prepare, lambda x, s=session: s.run(None, x), test_size, model)
+    return runs
+
+
+def build(scores: str, device, names=tuple(MODELS), ort: dict | None = None, folder: str = ""):
+    """name -> (prepare(resized uint8 image) -> input, run(input), test size, our model for FLOPs or None).
+    Preparing (padding to the canvas, as the data loader does) is not timed; running, decoding included, is.
+    `names`: the models of MODELS to run; `ort`: ONNX Runtime rows too (CPU: levels and threads)."""
+    runs = {}
+    for name, (kind, overrides, test_size) in ((n, MODELS[n]) for n in names):
+        cfg = ModelConfig(**overrides)
+        model = Detector(set_scores(build_model(kind, cfg), scores), default_branch(kind, cfg)).eval()
         program = export.export(model).module().to(device) if device.type == "cpu" else \
             torch.export.passes.move_to_device_pass(export.export(model), device).module()
         model = model.to(device)
         runs[f"{name}/eager"] = (image_batch, model, test_size, model)
         runs[f"{name}/exported"] = (lambda im: (image_batch(im).images[0], torch.tensor(im.shape[-2:], device=device)),
                                     lambda x, p=program: p(*x), test_size, model)
-    tv = torchvision_fcos(scores, device)
-    runs["torchvision_fcos/eager"] = (lambda im: [im.float() / 255], tv, 800, None)
+        if ort:
+            runs |= onnx_runs(name, model, test_size, ort, folder)
+    if "hr_fcos" in names:  # torchvision's beside our HR FCOS
+        tv = torchvision_fcos(scores, device)
+        runs["torchvision_fcos/eager"] = (lambda im: [im.float() / 255], tv, 800, None)
     return runs
 
 
@@ -139,19 +165,23 @@ def gflops(runs: dict, images) -> dict:
 
 
 def table(times: dict, flops: dict) -> list:
-    rows, hr = [], {m: statistics.median(times[f"hr_fcos/{m}"]) for m in ("eager", "exported")}
+    """One row per model and mode; ratios to HR FCOS where it ran (in the same mode), to the model's eager."""
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = []
     for name, ts in times.items():
         model, mode = name.split("/")
-        med, p90 = statistics.median(ts), statistics.quantiles(ts, n=10)[-1]
-        ratio = med / hr["eager" if model == "torchvision_fcos" else mode]
+        med, p90 = medians[name], statistics.quantiles(ts, n=10)[-1]
+        hr = medians.get(f"hr_fcos/{'eager' if model == 'torchvision_fcos' else mode}")
+        ratio = med / hr if hr else None
         f = flops.get(model)
-        fr = f / flops["hr_fcos"] if f else None
+        fr = f / flops["hr_fcos"] if f and flops.get("hr_fcos") else None
         goal = GOALS.get(model)
-        ok = None if fr is None else ratio <= 1.2 * fr and (goal is None or ratio <= goal)
+        ok = None if fr is None or ratio is None else ratio <= 1.2 * fr and (goal is None or ratio <= goal)
         rows.append({"model": model, "mode": mode, "median_ms": round(med * 1e3, 1), "p90_ms": round(p90 * 1e3, 1),
-                     "ratio_to_hr": round(ratio, 3), "gflops": round(f, 1) if f else None,
-                     "flops_ratio": round(fr, 3) if fr else None,
-                     "ratio_over_flops_ratio": round(ratio / fr, 2) if fr else None, "goal": goal, "meets": ok})
+                     "ratio_to_hr": round(ratio, 3) if ratio else None, "gflops": round(f, 1) if f else None,
+                     "flops_ratio": round(fr, 3) if fr else None, "ratio_to_eager": round(med / medians[
+                         f"{model}/eager"], 3), "ratio_over_flops_ratio": round(ratio / fr, 2) if fr else None,
+                     "goal": goal, "meets": ok})
     return rows
 
 
@@ -164,10 +194,11 @@ def markdown(results: dict) -> str:
              "exported; torchvision to our eager HR FCOS). Goal: at most 1.2 x the FLOPs ratio, and the "
              "student at most 0.75, the light 128/0 at most 0.2.", ""]
     for scores, rows in results["tables"].items():
-        lines += [f"## Scores: {scores}", "", "| model | mode | median ms | p90 ms | ratio to HR | GFLOPs | "
-                  "FLOPs ratio | ratio / FLOPs ratio | goal met |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## Scores: {scores}", "", "| model | mode | median ms | p90 ms | x eager | ratio to HR | GFLOPs | "
+                  "FLOPs ratio | ratio / FLOPs ratio | goal met |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['median_ms']} | {r['p90_ms']} | {r['ratio_to_hr']} | "
+            lines.append(f"| {r['model']} | {r['mode']} | {r['median_ms']} | {r['p90_ms']} | {r['ratio_to_eager']} | "
+                         f"{r['ratio_to_hr'] or '-'} | "
                          f"{r['gflops'] or '-'} | {r['flops_ratio'] or '-'} | {r['ratio_over_flops_ratio'] or '-'} | "
                          f"{'-' if r['meets'] is None else 'yes' if r['meets'] else 'NO'} |")
         lines.append("")
@@ -182,6 +213,11 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=20, help="timed images (sizes cycle through ORIGINAL_SIZES)")
     p.add_argument("--warmup", type=int, default=2, help="untimed images first")
     p.add_argument("--scores", default="dense,none", help="decoding load settings to run (see above)")
+    p.add_argument("--models", default=",".join(MODELS), help="which of MODELS to run (default: all)")
+    p.add_argument("--onnx", action="store_true", help="ONNX Runtime rows too (CPU; requirements-deploy.txt)")
+    p.add_argument("--ort-levels", default="all", help="ONNX Runtime graph optimisation levels, one row each: "
+                   "disable, basic, extended, all")
+    p.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (default: --threads)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/latency_<device>[_bf16])")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -189,12 +225,18 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, *ORIGINAL_SIZES[i % len(ORIGINAL_SIZES)]), generator=g,
                             dtype=torch.uint8).to(device) for i in range(args.images)]
-    tables = {}
+    names = args.models.split(",")
+    unknown = set(names) - set(MODELS)
+    if unknown or (args.onnx and device.type != "cpu"):
+        p.error(f"unknown --models {sorted(unknown)}" if unknown else "--onnx runs on the CPU provider only")
+    ort = {"levels": args.ort_levels.split(","), "threads": args.ort_threads or args.threads} if args.onnx else None
+    tables, folder = {}, tempfile.mkdtemp(prefix="latency_onnx_")
     for scores in args.scores.split(","):
-        runs = build(scores, device)
+        runs = build(scores, device, names, ort, folder)
         tables[scores] = table(measure(runs, images, device, args.amp, args.warmup), gflops(runs, images))
         print(json.dumps({scores: [(r["model"], r["mode"], r["median_ms"], r["ratio_to_hr"], r["flops_ratio"])
                                    for r in tables[scores]]}), flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
     results = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine(device), "amp": args.amp,
                "commit": commit(), "images": args.images, "wall_s": time.time() - t0, "tables": tables}
     stem = args.out or str(Path(__file__).resolve().parent / "results" /

@@ -32,11 +32,14 @@ import torch
 from torchvision.models.detection.image_list import ImageList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from msad import align  # noqa: E402
+from msad.decode import Detector  # noqa: E402
+from msad.distill import DistillationLoss, FeatureDistillation, TrainableStudent  # noqa: E402
+from msad.fcos_head import HeadOutputs, prior_bias  # noqa: E402
+from msad.fcos_loss import FCOSLoss, assign_targets, fcos_losses  # noqa: E402
 from msad.imagenet import normalize  # noqa: E402
-from msad.distill import FeatureDistillation  # noqa: E402
-from msad.fcos_head import prior_bias  # noqa: E402
-from msad.fcos_loss import assign_targets, fcos_losses  # noqa: E402
-from msad.models import DistilledStudent, ModelConfig, build_model  # noqa: E402
+from msad.models import ModelConfig, build_model  # noqa: E402
+from msad.teacher_loss import TeacherLoss  # noqa: E402
 from speed_parts import (HalfStrideAnchors, bench, commit, copy_weights_to_torchvision, cost_section,  # noqa: E402
                          count_syncs, machine, make_batch, pyramid_shapes, same_detections, set_dense_head, sgd,
                          torchvision_fcos, train_step)
@@ -92,13 +95,14 @@ def inference_section(args, models: dict, hr_batch, lr_batch, tv_images, device,
                 return fn()
         return run
 
-    inf_fns = {"ours_hr": infer(lambda: ours(hr_batch)), "ours_naive_lr": infer(lambda: ours(lr_batch)),
-               "ours_student": infer(lambda: student(hr_batch)),
-               **{k: infer(lambda m=m: m(hr_batch)) for k, m in light.items()}}
+    ours_hr, student_lr = Detector(ours, "hr"), Detector(student, "lr")
+    inf_fns = {"ours_hr": infer(lambda: ours_hr(hr_batch)), "ours_naive_lr": infer(lambda: ours_hr(lr_batch)),
+               "ours_student": infer(lambda: student_lr(hr_batch)),
+               **{k: infer(lambda m=Detector(m, "lr"): m(hr_batch)) for k, m in light.items()}}
     if not args.cost_only:
         inf_fns["torchvision_hr"] = infer(lambda: theirs(tv_images))
         with torch.no_grad():  # in fp32 whatever --amp says: the two networks must compute the same thing
-            det_ours = ours(hr_batch)
+            det_ours = ours_hr(hr_batch)
             theirs.anchor_generator = HalfStrideAnchors(theirs.anchor_generator)  # for this check only
             det_theirs = theirs(tv_images)
             theirs.anchor_generator = theirs.anchor_generator.generator
@@ -116,8 +120,7 @@ def loss_section(args, ours, theirs, hr_batch, tv_targets, device) -> dict:
     """3. the loss/target part alone: our assign_targets + fcos_losses vs torchvision's FCOS.compute_loss."""
     B, (H, W), K = args.batch, args.size, ours.cfg.num_classes
     shapes = pyramid_shapes(H, W)
-    geometry = ours.geometry([torch.empty(B, 1, h, w, device=device) for h, w in shapes])
-    points, strides, ranges, _ = geometry
+    points, strides, ranges, _ = align.locations([torch.empty(B, 1, h, w, device=device) for h, w in shapes])
     L = points.shape[0]
     g = torch.Generator(device=device).manual_seed(0)
     cls = (torch.randn(B, L, K, device=device, generator=g) - 4.0).requires_grad_()
@@ -129,9 +132,9 @@ def loss_section(args, ours, theirs, hr_batch, tv_targets, device) -> dict:
     num_per_level = [h * w for h, w in shapes]
     boxes_l, labels_l = [t["boxes"] for t in hr_batch.targets], [t["labels"] for t in hr_batch.targets]
 
-    def ours_loss():  # as FCOS.targets calls it: with the level shapes, so nothing is read back from the device
+    def ours_loss():  # as fcos_targets calls it: with the level shapes, so nothing is read back from the device
         targets = assign_targets(points, strides, ranges, boxes_l, labels_l, shapes=shapes)
-        return fcos_losses(cls, box, ctr, targets)
+        return fcos_losses(HeadOutputs(cls, box, ctr), targets)
 
     def theirs_loss():
         return theirs.compute_loss(tv_targets, head_out, anchors, num_per_level)
@@ -158,18 +161,19 @@ def train_section(args, models: dict, frozen_teacher, hr_batch, tv_images, tv_ta
             m.head.cls_logits.bias.fill_(prior_bias())
             m.head.box_pred.bias.zero_()
     copy_weights_to_torchvision(ours, theirs)
-    distilled = DistilledStudent(student, FeatureDistillation(), frozen_teacher)
-    for m in (ours, theirs, teacher, distilled):
+    trainable, distillation = TrainableStudent(student), DistillationLoss(frozen_teacher, FeatureDistillation())
+    for m in (ours, theirs, teacher, trainable):
         m.train()
 
-    def student_forward():
-        return distilled(hr_batch, 1000)  # the teacher's features under no_grad inside, as in train_student.py
+    def student_forward():  # the teacher's features under no_grad inside the loss, as in train_student.py
+        return distillation(trainable(hr_batch.images), hr_batch, 1000)
 
     train_fns = {
-        "ours_fcos": train_step(ours, sgd(ours), lambda: ours(hr_batch), amp, device),
+        "ours_fcos": train_step(ours, sgd(ours), lambda: FCOSLoss()(ours(hr_batch.images), hr_batch), amp, device),
         "torchvision_fcos": train_step(theirs, sgd(theirs), lambda: theirs(tv_images, tv_targets), amp, device),
-        "ours_teacher": train_step(teacher, sgd(teacher), lambda: teacher(hr_batch), amp, device),
-        "ours_student_with_teacher": train_step(distilled, sgd(distilled), student_forward, amp, device),
+        "ours_teacher": train_step(teacher, sgd(teacher), lambda: TeacherLoss()(teacher(hr_batch.images), hr_batch),
+                                   amp, device),
+        "ours_student_with_teacher": train_step(trainable, sgd(trainable), student_forward, amp, device),
     }
     tr = bench(train_fns, args.warmup, args.repeats, device)
     syncs = {k: count_syncs(train_fns[k], device) for k in ("ours_fcos", "torchvision_fcos", "ours_teacher")}

@@ -189,7 +189,7 @@ def flops_split(model, kind: str, images: torch.Tensor, train: bool) -> dict:
 
     if kind == "teacher":
         feats_hr = run("backbone", lambda: model.backbone(x))
-        feats_lr = run("backbone", lambda: model.backbone(model.low_res(x)))
+        feats_lr = run("backbone", lambda: model.backbone(align.make_low_res(x)))
         hr = run("fpn", lambda: model.fpn(feats_hr, align.branch_levels(1.0)))
         lr = run("fpn", lambda: model.fpn(feats_lr, align.branch_levels(0.5)))
         fused = run("fusion", lambda: model.fusion(hr, lr))
@@ -198,7 +198,7 @@ def flops_split(model, kind: str, images: torch.Tensor, train: bool) -> dict:
         else:
             run("head", lambda: model.head(fused))
     else:
-        inp = model.low_res(x) if model.input_scale != 1.0 else x
+        inp = align.make_low_res(x) if model.input_scale != 1.0 else x
         feats = run("backbone", lambda: model.backbone(inp))
         pyr = run("fpn", lambda: model.fpn(feats, model.levels))
         run("head", lambda: model.head(pyr))

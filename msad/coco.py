@@ -20,18 +20,24 @@ class DatasetError(ValueError):
     """A problem with the data, explained in one line that names the file and/or field."""
 
 
-def read_json(ann_file: str) -> dict:
+def load_json_file(path: str, where: str, error=ValueError):
+    """The parsed JSON of `path`, or `error` with one line naming `where` and what is wrong (missing file, invalid
+    JSON with its line and column, bytes that are not UTF-8, an unreadable file). Annotations and results files."""
     try:
-        with open(ann_file, "rb") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            return json.load(f)
     except FileNotFoundError:
-        raise DatasetError(f"{ann_file}: annotation file not found") from None
+        raise error(f"{where}: file not found") from None
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{ann_file}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise error(f"{where}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{ann_file}: not UTF-8 JSON (byte {e.start})") from None
+        raise error(f"{where}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
-        raise DatasetError(f"{ann_file}: cannot read annotation file: {e.strerror or e}") from None
+        raise error(f"{where}: cannot read it ({e.strerror or e})") from None
+
+
+def read_json(ann_file: str) -> dict:
+    data = load_json_file(ann_file, ann_file, DatasetError)
     if not isinstance(data, dict):
         raise DatasetError(f"{ann_file}: top level must be a JSON object with 'images', 'annotations', 'categories'")
     return data

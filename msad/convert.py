@@ -204,6 +204,10 @@ FORMATS = {  # name -> (signature keys, model options); msad: teacher or student
                   dict(p6_from="p5", stride_in_1x1=True)),
     "msad": (("T_backbone.bottom_up.features.0.0.weight", "T_fcos_head.cls_logits.weight"), dict(p6_from="c5")),
 }
+# How each source pads an image before its backbone: torchvision's GeneralizedRCNNTransform to 32, detectron2
+# (AdelaiDet) to its FPN's size_divisibility, the stride of its last input (res5) 32, the released MSAD to 256.
+# Stored with the converted model (args "size_divisible") for evaluate.py: evaluation.canvas_multiple.
+SOURCE_PADDING = {"torchvision": 32, "adelaidet": 32, "msad": 256}
 EXPECTED_NEW = {  # tensors the source has no counterpart for, and the value they get
     "torchvision": (r"head\.scales\.\d\.scale", "1.0: torchvision's FCOS has no per-level Scale"),
     "msad": (r"head\.(box_pred|ctr_pred)\.bias", "0: the released bbox_pred and ctrness have no bias"),
@@ -246,7 +250,8 @@ def _msad_width(state, path, width: float | None) -> float:
 
 
 def plan(fmt: str, state: dict, path, width: float | None):
-    """(kind, ModelConfig, entries) for a source file of format `fmt`; refuses a file of another format first."""
+    """(kind, ModelConfig, entries, the built model's state_dict) for a source file of format `fmt`; refuses a file
+    of another format first."""
     signature, options = FORMATS[fmt]
     kind = "fcos"
     if fmt == "msad":  # a released student file holds S_ (and mostly its frozen teacher, T_)
@@ -301,7 +306,7 @@ def convert(fmt: str, path, width: float | None = None) -> dict:
         raise ValueError(f"{path}: {len(unexplained)} tensors this project's {kind} has no place for (first: "
                          f"{', '.join(unexplained[:3])}); the file is not a plain {fmt} FCOS")
     args = {**cfg.to_dict(), "preset": "coco", "test_size": 800, "max_size": 1333, "fusion": kind == "teacher",
-            "cat_ids": COCO_IDS, "class_names": COCO_NAMES}
+            "cat_ids": COCO_IDS, "class_names": COCO_NAMES, "size_divisible": SOURCE_PADDING[fmt]}
     report = {"loaded": sorted(used), "new": {k: why for k in new}, "dropped": dropped,
               "notes": {e.ours: e.note for e in entries if e.note}}
     return {"kind": kind, "model": {k: converted.get(k, model_state[k]) for k in model_state}, "args": args,

@@ -132,7 +132,6 @@ class CocoDetection(torch.utils.data.Dataset):
         self.coco = None if train else coco.coco_index(data)
         self.num_skipped_images = 0
 
-    # -- construction ---------------------------------------------------------------------------------
     # -- public helpers -------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -12,25 +12,10 @@ Two options exist for converted torchvision weights (msad/convert.py); the defau
     empty; the released rule thresholds sigmoid(cls) and drops them (locations in the padding).
 """
 import torch
+from torch import nn
 from torchvision.ops import nms
 
 RULES = ("released", "torchvision")
-
-
-def make_points(shapes, strides, device, offset: bool = True):
-    """Location centres of every level: points [L, 2] (x, y) and strides [L].
-
-    (j*s + s//2, i*s + s//2) as in the released code (FCOS Sec. 3.1); (j*s, i*s) with offset=False.
-    """
-    points, point_strides = [], []
-    for (h, w), s in zip(shapes, strides):
-        shift = s // 2 if offset else 0
-        ys = torch.arange(h, device=device, dtype=torch.float32) * s + shift
-        xs = torch.arange(w, device=device, dtype=torch.float32) * s + shift
-        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack([xx.flatten(), yy.flatten()], dim=1))  # h*w x 2
-        point_strides.append(torch.full((h * w,), float(s), device=device))
-    return torch.cat(points), torch.cat(point_strides)
 
 
 def level_slices(shapes):
@@ -90,18 +75,46 @@ def decode_image(cls, box, ctr, points, strides, shapes, image_size, score_thres
     return boxes[keep], scores[keep], labels[keep]
 
 
-def decode(cls, box, ctr, points, strides, shapes, image_sizes, orig_sizes, **kwargs):
+def decode(head, geometry, image_sizes, orig_sizes, **kwargs):
     """decode_image for each image of a batch, then boxes rescaled from resized to original pixels.
 
-    image_sizes, orig_sizes: per image (h, w) after resizing and of the file. Returns one dict per image with
-    boxes [n, 4] (x0, y0, x1, y1, original pixels), scores [n], labels [n] (contiguous).
+    head: fcos_head.HeadOutputs of the batch; geometry: align.Geometry of its locations; image_sizes,
+    orig_sizes: per image (h, w) after resizing and of the file. Returns one dict per image with boxes [n, 4]
+    (x0, y0, x1, y1, original pixels), scores [n], labels [n] (contiguous).
     """
     results = []
     for b, ((h, w), (h0, w0)) in enumerate(zip(image_sizes, orig_sizes)):
-        boxes, scores, labels = decode_image(cls[b], box[b], ctr[b], points, strides, shapes,
-                                             torch.tensor([h, w]), **kwargs)
+        boxes, scores, labels = decode_head(head.image(b), geometry, torch.tensor([h, w]), **kwargs)
         results.append({"boxes": rescale(boxes, (h, w), (h0, w0)), "scores": scores, "labels": labels})
     return results
+
+
+def decode_head(head, geometry, image_size, **kwargs):
+    """decode_image on one image's HeadOutputs (L x K, L x 4, L) and the pyramid's Geometry."""
+    return decode_image(head.cls_logits, head.box_regression, head.centerness, geometry.points, geometry.strides,
+                        geometry.shapes, image_size, **kwargs)
+
+
+def decode_options(cfg) -> dict:
+    """The decoding settings of a models.ModelConfig (the released code's, or a converted model's)."""
+    return dict(score_thresh=cfg.score_thresh, pre_nms_top_n=cfg.pre_nms_top_n, nms_thresh=cfg.nms_thresh,
+                max_dets=cfg.max_dets, rule=cfg.decode_rule)
+
+
+class Detector(nn.Module):
+    """A model and its postprocessor: ImageBatch -> detections of `branch` per image, in original pixels.
+
+    This is what evaluation, pictures and the FLOP count run (exported programs offer the same interface).
+    The model runs only the pyramids that `branch` needs; decoding is `decode` above.
+    """
+
+    def __init__(self, model: nn.Module, branch: str):
+        super().__init__()
+        self.model, self.branch, self.options = model, branch, decode_options(model.cfg)
+
+    def forward(self, batch):
+        out = self.model(batch.images, (self.branch,))[self.branch]
+        return decode(out.head, out.geometry, batch.image_sizes, batch.orig_sizes, **self.options)
 
 
 def rescale(boxes, size, orig_size):

@@ -64,7 +64,7 @@ def probe_iterations(iters: int, count: int = 5) -> set:
 
 
 class StudentProbe:
-    """Called by DistilledStudent at each training forward; acts only at `iterations`."""
+    """Called by distill.DistillationLoss at each training step; acts only at `iterations`."""
 
     def __init__(self, iterations, log_path=None):
         self.iterations, self.log_path = set(iterations), log_path

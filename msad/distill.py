@@ -1,4 +1,11 @@
-"""Feature distillation from the teacher's fused pyramid to the low-resolution student (MSAD Sec. 3.4).
+"""Stage 2 of MSAD (Sec. 3.4): the student's loss L_S = L_FCOS + L_KD, where the frozen teacher runs.
+
+`DistillationLoss` is the whole of it: it holds the frozen teacher (outside DDP and the student's checkpoint),
+runs it under no_grad on the batch the student sees, and forms L_KD from the teacher's fused pyramid with
+`FeatureDistillation`. What DDP wraps and the optimizer trains is `TrainableStudent`: the student and, for a
+thinner student, its adapters.
+
+Feature distillation:
 
 L_KD = w(t) * alpha * T * sum_l mean |S_l - F_l|, with the student's P2..P6 as S, the fused teacher
 pyramid as F, alpha = 0.2, T = 3 and w(t) = min(1, t / warmup) a linear warm-up over 500 iterations,
@@ -13,9 +20,13 @@ its teacher).
 to zero, mean |F_l| (or mean F_l^2 for L2), detached: every level then weighs by its relative error, whatever
 the scale of its features.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fcos_loss import fcos_losses, fcos_targets
 
 DISTANCES = {
     "l1": lambda s, t: F.l1_loss(s, t),  # the paper's and the released code's choice
@@ -83,3 +94,57 @@ def build_adapters(student_channels: int, teacher_channels: int, num_levels: int
     if student_channels == teacher_channels:
         return None
     return Adapters(student_channels, teacher_channels, num_levels)
+
+
+class StudentOutputs(NamedTuple):
+    """TrainableStudent's output: the student's models.BranchOutputs ("lr") and its pyramid as the teacher's
+    width sees it (through the adapters; the pyramid itself when there are none), B x C_t x h_i x w_i per level."""
+    lr: object
+    adapted: list
+
+
+class TrainableStudent(nn.Module):
+    """What stage 2 trains and DDP wraps: the student (FCOS on P2..P6 of the half image) and, for a student thinner
+    than its teacher, the adapters (trained with it, saved in checkpoint.pth under "aux", not in the student).
+
+    forward(images): the padded uint8 HR batch B x 3 x H x W -> StudentOutputs.
+    """
+
+    def __init__(self, student: nn.Module, adapters: nn.Module | None = None):
+        super().__init__()
+        self.student, self.adapters = student, adapters
+
+    def forward(self, images: torch.Tensor) -> StudentOutputs:
+        out = self.student(images)["lr"]
+        return StudentOutputs(out, self.adapters(out.features) if self.adapters is not None else out.features)
+
+
+class DistillationLoss:
+    """L_S = L_FCOS + L_KD of the student (MSAD Sec. 3.4): callable(outputs, batch, iteration) -> dict of scalars.
+
+    outputs: StudentOutputs of the batch; batch: the ImageBatch (HR images, targets in HR pixels). L_FCOS is
+    scored on the HR-frame targets, which the pyramid shift makes the student's (Sec. 3.1). With a teacher, the
+    frozen teacher runs here, under no_grad, on the same HR batch; its fused pyramid (its HR pyramid without
+    C-FF) is the target of `features` (FeatureDistillation: "loss_kd_p2".."loss_kd_p6"). Without a teacher, or
+    with weight 0, L_S = L_FCOS. `probe` (diagnostics.StudentProbe) sees every step's terms and pyramids.
+    """
+
+    def __init__(self, teacher: nn.Module | None = None, features: FeatureDistillation | None = None, probe=None):
+        self.teacher, self.features, self.probe = teacher, features, probe
+        self.branch = None if teacher is None else "fused" if "fused" in teacher.branches else "hr"
+
+    @torch.no_grad()
+    def teacher_pyramid(self, images: torch.Tensor) -> list:
+        """The frozen teacher's fused pyramid (HR without C-FF) on the HR batch: the features the student imitates."""
+        return self.teacher.pyramids(images, (self.branch,))[self.branch]
+
+    def __call__(self, outputs: StudentOutputs, batch, iteration: int) -> dict:
+        out = outputs.lr
+        losses = fcos_losses(out.head, fcos_targets(out.geometry, batch.targets))
+        if self.teacher is None:
+            return losses
+        target = self.teacher_pyramid(batch.images)
+        losses |= self.features(outputs.adapted, target, iteration)
+        if self.probe is not None:
+            self.probe(iteration, losses, out.features, outputs.adapted, target)
+        return losses

@@ -234,12 +234,15 @@ def _optimizer_step(total, optimizer, scaler, clip_grad) -> None:
     scaler.update()
 
 
-def train(train_model, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_iter_fn,
+def train(train_model, criterion, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_iter_fn,
           cfg: TrainConfig, aux: dict | None = None) -> dict:
-    """Run iterations [start, cfg.iters) of `train_model`; the one training loop of both stages.
+    """Run iterations [start, cfg.iters) of `train_model`; the one training loop of both stages. Each step is
 
-    train_model(batch, iteration) -> dict of named scalar losses: the DDP-wrapped model (the teacher, or the
-        student's distillation wrapper); the optimised loss is the sum of the terms.
+        outputs = train_model(batch.images); losses = criterion(outputs, batch, iteration)
+
+    train_model: the DDP-wrapped model (the teacher or detector; in stage 2 distill.TrainableStudent).
+    criterion(outputs, batch, iteration) -> dict of named scalar losses (teacher_loss.TeacherLoss,
+        fcos_loss.FCOSLoss, distill.DistillationLoss); the optimised loss is the sum of the terms.
     model: the unwrapped module that is saved as checkpoint["model"] (the teacher, or the student alone).
     data_iter_fn(start_iter) -> iterator of batches from that iteration on; each batch has .to(device).
     aux: name -> module trained with the model (its parameters in `optimizer`) but not part of it, e.g. the
@@ -291,7 +294,7 @@ def train(train_model, model: nn.Module, optimizer: torch.optim.Optimizer, sched
             t_data = time.perf_counter() - t0
 
             with torch.autocast(cfg.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = train_model(batch, it)
+                losses = criterion(train_model(batch.images), batch, it)
             terms, stop_now = _global_terms(losses, stop.requested, cfg.device)
             _check_finite(terms, it)  # before backward: the weights stay those of the last good step
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses

@@ -5,7 +5,6 @@ so numbers are comparable with the paper's Table 1-4 (COCO val2017 box AP).
 """
 import contextlib
 import io
-import json
 import math
 import os
 from functools import partial
@@ -16,7 +15,8 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from . import dist
-from .coco import _column, _int_ids
+from .align import HR_PAD
+from .coco import _column, _int_ids, load_json_file
 from .checkpoint import write_json_atomic
 from .engine import AMP_DTYPES
 
@@ -52,6 +52,15 @@ def _preview(ids: list, n: int = 8) -> str:
     return ", ".join(map(str, ids[:n])) + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
 
 
+def canvas_multiple(ckpt: dict) -> int:
+    """The multiple of which evaluation pads each image's canvas: HR_PAD (128, the P7 stride that keeps a half-size
+    branch aligned with the full-size one, MSAD Sec. 3.1), or the padding a converted checkpoint stores from its
+    source (`size_divisible`: torchvision and AdelaiDet 32, the released MSAD 256), so that its detections are
+    the source's on any canvas. A single-branch detector (fcos) may take any padding; the others a multiple of 128."""
+    pad = ckpt["args"].get("size_divisible")
+    return int(pad) if pad and (ckpt["kind"] == "fcos" or int(pad) % HR_PAD == 0) else HR_PAD
+
+
 def to_coco_results(detections, image_ids, cat_ids, scored_ids=None):
     """Per-image detections (xyxy, original pixels, contiguous labels) -> COCO results (xywh, category ids).
 
@@ -84,7 +93,7 @@ def to_image_entries(detections, image_ids, file_names, cat_ids, class_names):
 
 
 @torch.no_grad()
-def inference(model, loader, device, convert, amp: str = "none", progress: bool = True, min_score: float = 0.0):
+def inference(model, loader, device, convert, amp: str = "none", min_score: float = 0.0):
     """This process's results, convert(detections, image_ids) per batch, the image ids it evaluated, and its
     first batch (None if none was readable), on which the caller counts the model's cost (cost.model_cost):
     kept, not read again, so no image is decoded, or warned about, twice.
@@ -95,7 +104,7 @@ def inference(model, loader, device, convert, amp: str = "none", progress: bool 
     results, image_ids, first = [], [], None
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) \
         if amp != "none" and device.type == "cuda" else contextlib.nullcontext()
-    for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main_process()), dynamic_ncols=True):
+    for batch in tqdm(loader, desc="eval", disable=not dist.is_main_process(), dynamic_ncols=True):
         if batch is None:
             continue
         batch = batch.to(device)
@@ -188,17 +197,7 @@ def load_results(path: str) -> list:
     """A COCO results file (list of {image_id, category_id, bbox [x, y, w, h], score}), checked field by field;
     every problem is one ValueError naming --detections, the file and the detection."""
     where = f"--detections {path}"
-    try:
-        with open(path, "rb") as f:
-            results = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{where}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ValueError(f"{where}: cannot read it ({e.strerror or e})") from None
+    results = load_json_file(path, where)
     if not isinstance(results, list):
         raise ValueError(f"{where}: expected a JSON list of detections")
     for i, r in enumerate(results):

@@ -3,6 +3,7 @@
     python -m msad.export --checkpoint runs/student/model_final.pth --output runs/student/student.pt2
     python -m msad.export --checkpoint runs/teacher/model_final.pth --branch lr --output teacher_lr.pt2
     python evaluate.py --checkpoint runs/student/student.pt2          # the same data, metrics and pictures
+    python -m msad.export --checkpoint runs/student/model_final.pth --output runs/student/student.onnx
 
 The program takes one uint8 RGB image [3, H, W], H and W multiples of 128 (the canvas the data loader pads
 to, MSAD Sec. 3.1) of at least 256, with the image top-left in it, and `size`, its (h, w) inside the canvas
@@ -14,11 +15,14 @@ and torchvision (for the NMS kernel) is needed to run it:
 
     program = torch.export.load("student.pt2").module()
     boxes, scores, labels = program(image, torch.tensor([h, w]))
+
+An `.onnx` output (or --format onnx) is the same program for ONNX Runtime (msad/onnx_export.py).
 """
 import argparse
+import contextlib
 import json
+import logging
 import os
-import sys
 
 import torch
 from torch import nn
@@ -27,11 +31,11 @@ from torch.export.passes import move_to_device_pass
 from .align import HR_PAD
 from .checkpoint import load_checkpoint, write_atomic
 from .cli import run_script
-from .decode import decode_image, rescale
-from .imagenet import normalize
+from .data import PAD_VALUE
+from .decode import Detector, decode_head, rescale
 from .models import checkpoint_categories, model_from_checkpoint
 
-METADATA = "msad.json"  # extra file inside the .pt2: kind, branch, the checkpoint's args
+METADATA = "msad.json"  # extra file inside the .pt2, metadata key of the .onnx: kind, branch, args
 MIN_SIDE = 2 * HR_PAD  # exporting specialises the smallest level's size to >= 2 (a size-1 map is a guard)
 MAX_SIDE = 64 * HR_PAD
 
@@ -39,22 +43,20 @@ MAX_SIDE = 64 * HR_PAD
 class Deployable(nn.Module):
     """The inference path of a detector on one padded image, as one traceable function (see the module doc)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, detector: Detector):
         super().__init__()
-        self.model = model.eval()
-        self.options = model.decode_options()
+        self.detector = detector.eval()
 
     def forward(self, image: torch.Tensor, size: torch.Tensor):
-        feats = self.model.features(normalize(image[None]))  # [1 x C x h_i x w_i] per level
-        points, strides, _, shapes = self.model.geometry(feats)
-        cls, box, ctr = self.model.head(feats)  # 1 x L x K, 1 x L x 4, 1 x L
-        return decode_image(cls[0], box[0], ctr[0], points, strides, shapes, size, **self.options)
+        branch = self.detector.branch
+        out = self.detector.model(image[None], (branch,))[branch]  # head: 1 x L x K, 1 x L x 4, 1 x L
+        return decode_head(out.head.image(0), out.geometry, size, **self.detector.options)
 
 
-def check_canvas(height: int, width: int) -> None:
-    if height % HR_PAD or width % HR_PAD or min(height, width) < MIN_SIDE or max(height, width) > MAX_SIDE:
+def check_canvas(height: int, width: int, min_side: int = MIN_SIDE) -> None:
+    if height % HR_PAD or width % HR_PAD or min(height, width) < min_side or max(height, width) > MAX_SIDE:
         raise ValueError(f"image size {height}x{width}: an exported program takes a canvas whose sides are "
-                         f"multiples of {HR_PAD}, from {MIN_SIDE} to {MAX_SIDE} px")
+                         f"multiples of {HR_PAD}, from {min_side} to {MAX_SIDE} px")
 
 
 def _nms_fake(dets, scores, iou_threshold):
@@ -65,8 +67,8 @@ def _nms_fake(dets, scores, iou_threshold):
     return dets.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.long)
 
 
-def export(model: nn.Module, example_size=(MIN_SIDE, MIN_SIDE + HR_PAD)) -> torch.export.ExportedProgram:
-    """The torch.export program of `model`'s inference (its selected branch), dynamic in height and width."""
+def export(detector: Detector, example_size=(MIN_SIDE, MIN_SIDE + HR_PAD)) -> torch.export.ExportedProgram:
+    """The torch.export program of a detector's inference (its branch), dynamic in height and width."""
     check_canvas(*example_size)
     torch.library.register_fake("torchvision::nms", _nms_fake)  # replaces torchvision's (see above)
     image = torch.randint(0, 256, (3, *example_size), dtype=torch.uint8)
@@ -74,83 +76,168 @@ def export(model: nn.Module, example_size=(MIN_SIDE, MIN_SIDE + HR_PAD)) -> torc
     dims = {k: torch.export.Dim(k, min=MIN_SIDE // HR_PAD, max=MAX_SIDE // HR_PAD) for k in ("h", "w")}
     shapes = {"image": {1: HR_PAD * dims["h"], 2: HR_PAD * dims["w"]}, "size": None}
     with torch.no_grad():
-        return torch.export.export(Deployable(model.cpu()), (image, size), dynamic_shapes=shapes, strict=False)
+        return torch.export.export(Deployable(detector.cpu()), (image, size), dynamic_shapes=shapes, strict=False)
+
+
+def metadata(ckpt: dict, branch: str | None) -> dict:
+    """msad's metadata of an exported file: kind, branch, the checkpoint's args, the exporting torch."""
+    return {"kind": ckpt["kind"], "branch": branch, "args": ckpt["args"], "torch": torch.__version__}
 
 
 def save(program, path, ckpt: dict, branch: str | None) -> None:
-    meta = {"kind": ckpt["kind"], "branch": branch, "args": ckpt["args"], "torch": torch.__version__}
-    write_atomic(path, lambda f: torch.export.save(program, f, extra_files={METADATA: json.dumps(meta)}))
+    meta = json.dumps(metadata(ckpt, branch))
+    write_atomic(path, lambda f: torch.export.save(program, f, extra_files={METADATA: meta}))
 
 
-class ExportedDetector(nn.Module):
-    """A loaded program behind the interface of our models: ImageBatch -> detections in original pixels.
+class ProgramDetector(nn.Module):
+    """A deployed program behind the interface of our models: ImageBatch -> detections in original pixels.
 
     Every image runs alone on its batch's canvas (evaluation batches hold images of one canvas size), so its
-    detections are those of the checkpoint it came from (tests/test_export.py).
+    detections are those of the checkpoint it came from (tests/test_export.py, tests/test_onnx.py). A canvas
+    under MIN_SIDE (a model evaluated at --test-size 128) is padded to it first, as the data loader pads.
+    Subclasses: ExportedDetector (.pt2) here, onnx_export.OnnxDetector (.onnx).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, meta: dict):
         super().__init__()
-        extra = {METADATA: ""}
-        try:
-            program = torch.export.load(path, extra_files=extra)
-        except Exception as e:  # not a .pt2, torn, another torch's format
-            raise ValueError(f"{path} is not a loadable torch.export program ({type(e).__name__}: "
-                             f"{(str(e).strip().splitlines() or [''])[0]})") from None
-        if not extra[METADATA]:
-            raise ValueError(f"{path} is a torch.export program without msad's metadata; export it with "
-                             f"python -m msad.export")
-        self.meta, self.path, self.exported = json.loads(extra[METADATA]), path, program
-        self.program = program.module()
-        self.branch = self.meta["branch"] or ("lr" if self.meta["kind"] == "student" else "hr")
+        self.path, self.meta = path, meta
+        self.branch = meta["branch"] or ("lr" if meta["kind"] == "student" else "hr")
 
-    def to_device(self, device: torch.device, branch: str | None = None) -> "ExportedDetector":
-        """On `device` (the program's constants too); `branch`, if given, must be the exported one."""
+    def to_device(self, device: torch.device, branch: str | None = None) -> "ProgramDetector":
+        """On `device`; `branch`, if given, must be the exported one."""
         if branch is not None and branch != self.branch:
-            raise ValueError(f"--branch {branch}: {self.path} holds the {self.branch} branch only (export "
-                             f"another one with python -m msad.export --branch {branch})")
-        if torch.device(device).type != "cpu":
-            self.program = move_to_device_pass(self.exported, torch.device(device)).module()
+            hint = f"export it from the teacher's checkpoint with python -m msad.export --branch {branch}" \
+                if self.meta["kind"] == "teacher" else f"a {self.meta['kind']} has no other branch"
+            raise ValueError(f"--branch {branch}: {self.path} holds the {self.branch} branch only ({hint})")
         return self
 
-    def train(self, mode: bool = True) -> "ExportedDetector":
+    def train(self, mode: bool = True) -> "ProgramDetector":
         """A program has no train mode (it was exported in eval mode); model.eval() is a no-op."""
         return self
 
+    def run(self, image: torch.Tensor, size: torch.Tensor):
+        """boxes, scores, labels of one canvas [3, H, W] (uint8) whose image is `size` (h, w)."""
+        raise NotImplementedError
+
     def forward(self, batch):
-        check_canvas(*batch.images.shape[-2:])
+        check_canvas(*batch.images.shape[-2:], min_side=HR_PAD)
         results = []
         for image, (h, w), orig in zip(batch.images, batch.image_sizes, batch.orig_sizes):
-            boxes, scores, labels = self.program(image, torch.tensor([h, w], device=image.device))
+            boxes, scores, labels = self.run(pad_canvas(image), torch.tensor([h, w], device=image.device))
             results.append({"boxes": rescale(boxes, (h, w), orig), "scores": scores, "labels": labels})
         return results
 
 
-def load_exported(path: str) -> tuple[ExportedDetector, dict]:
-    """The detector of a .pt2 (on CPU; see to_device) and a checkpoint-like dict (kind, args) for evaluate.py."""
-    detector = ExportedDetector(path)
+def pad_canvas(image: torch.Tensor) -> torch.Tensor:
+    """A canvas [3, H, W] with each side at least MIN_SIDE, padded bottom and right with PAD_VALUE."""
+    h, w = image.shape[-2:]
+    if min(h, w) >= MIN_SIDE:
+        return image
+    canvas = torch.tensor(PAD_VALUE, dtype=image.dtype, device=image.device)[:, None, None]
+    canvas = canvas.repeat(1, max(h, MIN_SIDE), max(w, MIN_SIDE))
+    canvas[:, :h, :w] = image
+    return canvas
+
+
+def read_metadata(text: str | None, path: str, what: str = "a torch.export program") -> dict:
+    """msad's metadata of a program file (kind, branch, the checkpoint's args), checked."""
+    if not text:
+        raise ValueError(f"{path} is {what} without msad's metadata; export it with python -m msad.export")
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: its {METADATA} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not {"kind", "branch", "args"} <= meta.keys():
+        raise ValueError(f"{path}: its {METADATA} lacks kind, branch or args; export it again with "
+                         f"python -m msad.export")
+    return meta
+
+
+@contextlib.contextmanager
+def _quiet_torch_export():
+    """torch.export.load logs the whole traceback of a torn file before raising; our one line says it all."""
+    logger = logging.getLogger("torch.export")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+class ExportedDetector(ProgramDetector):
+    """A .pt2 program of python -m msad.export (see ProgramDetector)."""
+
+    def __init__(self, path: str):
+        extra = {METADATA: ""}
+        try:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no such file: {path}")
+            with _quiet_torch_export():
+                program = torch.export.load(path, extra_files=extra)
+        except Exception as e:  # not a .pt2, torn, another torch's format
+            raise ValueError(f"{path} is not a loadable torch.export program ({type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0]})") from None
+        super().__init__(path, read_metadata(extra[METADATA], path))
+        self.exported, self.program = program, program.module()
+
+    def to_device(self, device: torch.device, branch: str | None = None) -> "ExportedDetector":
+        """On `device` (the program's constants too); `branch`, if given, must be the exported one."""
+        super().to_device(device, branch)
+        if torch.device(device).type != "cpu":
+            self.program = move_to_device_pass(self.exported, torch.device(device)).module()
+        return self
+
+    def run(self, image, size):
+        return self.program(image, size)
+
+
+def load_exported(path: str) -> tuple[ProgramDetector, dict]:
+    """The detector of a .pt2 or .onnx file (on CPU; see to_device) and a checkpoint-like dict (kind, args)."""
+    if str(path).endswith(".onnx"):
+        from .onnx_export import OnnxDetector
+        detector = OnnxDetector(path)
+    else:
+        detector = ExportedDetector(path)
     return detector, {"kind": detector.meta["kind"], "args": detector.meta["args"]}
+
+
+def output_format(output: str, fmt: str | None) -> str:
+    """pt2 or onnx: --format, else the suffix of --output; a known suffix must agree with --format."""
+    suffix = {".pt2": "pt2", ".onnx": "onnx"}.get(os.path.splitext(output)[1])
+    if fmt and suffix and fmt != suffix:
+        raise ValueError(f"--format {fmt} with --output {output}: name the file .{fmt} (evaluate.py reads the "
+                         f"format from the suffix)")
+    return fmt or suffix or "pt2"
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a model_final.pth (fcos, teacher or student)")
-    p.add_argument("--output", required=True, help="the .pt2 file to write")
+    p.add_argument("--output", required=True, help="the .pt2 or .onnx file to write")
+    p.add_argument("--format", choices=("pt2", "onnx"), help="default: the suffix of --output (else pt2)")
     p.add_argument("--branch", choices=("fused", "hr", "lr"), help="a teacher's branch (required for a teacher)")
     p.add_argument("--size", type=int, nargs=2, default=(MIN_SIDE, MIN_SIDE + HR_PAD), metavar=("H", "W"),
                    help="canvas of the example input that is traced (default: %(default)s)")
     args = p.parse_args(argv)
     check_canvas(*args.size)
+    fmt = output_format(args.output, args.format)
+    if fmt == "onnx":
+        from . import onnx_export
+        onnx_export.require("--format onnx")  # before the minutes of tracing
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt["kind"] == "teacher" and args.branch is None:
         raise ValueError(f"{args.checkpoint} is a teacher: say which branch to export with --branch fused|hr|lr "
                          f"(fused needs the HR canvas, lr is the aligned LR branch)")
-    model = model_from_checkpoint(ckpt, args.checkpoint, args.branch)
-    program = export(model, tuple(args.size))
+    detector = Detector(*model_from_checkpoint(ckpt, args.checkpoint, args.branch))
+    program = export(detector, tuple(args.size))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    save(program, args.output, ckpt, getattr(model, "branch", None))
+    if fmt == "onnx":
+        onnx_export.save_onnx(onnx_export.to_onnx(program), args.output, metadata(ckpt, detector.branch),
+                              checkpoint_categories(ckpt))
+    else:
+        save(program, args.output, ckpt, detector.branch)
     ids, _ = checkpoint_categories(ckpt)
-    result = {"output": args.output, "kind": ckpt["kind"], "branch": getattr(model, "branch", None),
+    result = {"output": args.output, "format": fmt, "kind": ckpt["kind"], "branch": detector.branch,
               "classes": len(ids), "bytes": os.path.getsize(args.output)}
     print(json.dumps(result, sort_keys=True))
     return result

@@ -5,6 +5,7 @@ and the student's P2..P6 (MSAD Sec. 3.2: the head and its per-level Scales are s
 so HR P3, LR P2 and fused level 0 use the same Scale).
 """
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,6 +18,27 @@ PRIOR_PROB = 0.01  # initial foreground probability of every class at every loca
 def prior_bias(prior: float = PRIOR_PROB) -> float:
     """The classification bias that makes sigmoid(logit) = `prior` at init: -log((1 - prior) / prior), -4.595."""
     return -math.log((1 - prior) / prior)
+
+
+class HeadOutputs(NamedTuple):
+    """The head's predictions at every location of one pyramid, in level-major, row-major order (the order of
+    align.locations), for a batch of B images and L = sum_i h_i * w_i locations.
+
+    cls_logits: B x L x K class logits; box_regression: B x L x 4 distances (l, t, r, b) to the box sides, in
+    units of the location's stride, >= 0; centerness: B x L centre-ness logits. A new output of the head (a mask
+    code, say) is one more field here.
+    """
+    cls_logits: torch.Tensor
+    box_regression: torch.Tensor
+    centerness: torch.Tensor
+
+    def chunk(self, n: int) -> list["HeadOutputs"]:
+        """Split along the batch into n equal parts (the teacher runs its branches as one batch)."""
+        return [HeadOutputs(*parts) for parts in zip(*(t.chunk(n) for t in self))]
+
+    def image(self, b: int) -> "HeadOutputs":
+        """The predictions of image b, without the batch dimension: L x K, L x 4, L."""
+        return HeadOutputs(*(t[b] for t in self))
 
 
 class Scale(nn.Module):
@@ -63,12 +85,8 @@ class FCOSHead(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, prior_bias(prior))
 
-    def forward(self, feats):
-        """feats: list over level positions of B x C x h_i x w_i.
-
-        Returns cls [B, L, K], box [B, L, 4] (l, t, r, b in stride units, >= 0), ctr [B, L] logits,
-        with L = sum_i h_i * w_i locations in level-major, row-major order (the order of `make_points`).
-        """
+    def forward(self, feats) -> HeadOutputs:
+        """feats: list over level positions of B x C x h_i x w_i -> HeadOutputs (B x L x K, B x L x 4, B x L)."""
         cls, box, ctr = [], [], []
         for i, f in enumerate(feats):
             c = self.cls_tower(f)
@@ -77,4 +95,4 @@ class FCOSHead(nn.Module):
             box.append(torch.relu(self.scales[i](self.box_pred(b))).flatten(2))  # B x 4 x h*w
             ctr.append(self.ctr_pred(b).flatten(2))  # B x 1 x h*w
         cat = lambda xs: torch.cat(xs, dim=2).transpose(1, 2)  # B x L x ch
-        return cat(cls), cat(box), cat(ctr).squeeze(2)
+        return HeadOutputs(cat(cls), cat(box), cat(ctr).squeeze(2))

@@ -14,10 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from . import dist
+from .align import INF
 
-INF = float("inf")
-# Sizes of interest of the five level positions, in HR-frame pixels (FCOS Sec. 3.2).
-SIZE_RANGES = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF))
 
 
 @dataclass
@@ -32,12 +30,6 @@ class Targets:
         lr, tb = self.ltrb[..., 0::2], self.ltrb[..., 1::2]
         ratio = (lr.min(-1).values / lr.max(-1).values.clamp(min=1e-12)) * (tb.min(-1).values / tb.max(-1).values.clamp(min=1e-12))
         return ratio.clamp(min=0).sqrt()
-
-
-def level_ranges(shapes, ranges=SIZE_RANGES, device=None):
-    """Per-location [lo, hi] size range: L x 2."""
-    out = torch.cat([torch.tensor([r], dtype=torch.float32).expand(h * w, 2) for (h, w), r in zip(shapes, ranges)])
-    return out.to(device, non_blocking=True)  # from pageable memory: staged at once, no wait for the GPU
 
 
 def pad_boxes(boxes_list, labels_list, device):
@@ -172,12 +164,19 @@ def giou_loss_ltrb(pred, target, weight):
     return ((1 - giou) * weight).sum()
 
 
-def fcos_losses(cls, box, ctr, targets: Targets, prefix=""):
+def fcos_targets(geometry, gt: list) -> Targets:
+    """The FCOS targets of a batch on an align.Geometry; gt: per image {"boxes": [n, 4] HR pixels, "labels": [n]}."""
+    return assign_targets(geometry.points, geometry.strides, geometry.ranges, [t["boxes"] for t in gt],
+                          [t["labels"] for t in gt], shapes=geometry.shapes)
+
+
+def fcos_losses(head, targets: Targets, prefix=""):
     """The FCOS loss of one branch: focal / N_pos, GIoU weighted by centre-ness / sum of centre-ness,
     centre-ness BCE / N_pos. N_pos and the centre-ness sum are averaged over processes (floors 1 and 1e-6);
     every process issues the same all-reduce even with zero positives, so DDP cannot hang.
-    cls [B, L, K], box [B, L, 4], ctr [B, L] from FCOSHead; returns {prefix+"loss_cls", ...}.
+    head: fcos_head.HeadOutputs (B x L x K, B x L x 4, B x L); returns {prefix+"loss_cls", ...}.
     """
+    cls, box, ctr = head.cls_logits, head.box_regression, head.centerness
     pos = targets.pos
     ctr_t = torch.where(pos, targets.centerness, 0.0)  # B x L, zero off the positives
     norms = dist.all_reduce_mean(torch.stack([pos.sum().float(), ctr_t.sum()]))
@@ -191,3 +190,15 @@ def fcos_losses(cls, box, ctr, targets: Targets, prefix=""):
     loss_box = giou_loss_ltrb(box.float(), safe_ltrb, ctr_t) / ctr_sum
     loss_ctr = (F.binary_cross_entropy_with_logits(ctr.float(), ctr_t, reduction="none") * pos).sum() / num_pos
     return {f"{prefix}loss_cls": loss_cls, f"{prefix}loss_box": loss_box, f"{prefix}loss_ctr": loss_ctr}
+
+
+class FCOSLoss:
+    """L_FCOS of a single-branch model (the HR detector, or the student's detection term, MSAD Sec. 3.4).
+
+    callable(outputs, batch, iteration) with outputs {branch: models.BranchOutputs} of one branch and batch an
+    ImageBatch (its targets in HR pixels) -> {"loss_cls", "loss_box", "loss_ctr"}, scalars.
+    """
+
+    def __call__(self, outputs: dict, batch, iteration: int = 0) -> dict:
+        (out,) = outputs.values()
+        return fcos_losses(out.head, fcos_targets(out.geometry, batch.targets))

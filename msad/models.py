@@ -5,22 +5,20 @@ reads (align.branch_levels) and whether the input is halved first (align.make_lo
 decoded boxes live in the HR frame, so one assignment serves every branch (MSAD Sec. 3.1-3.2).
 """
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import align
 from .backbone import ResNetTrunk, load_imagenet_weights
-from .checkpoint import load_checkpoint
 from .imagenet import normalize
-from .decode import RULES, decode, make_points
-from .fcos_head import FCOSHead
-from .fcos_loss import assign_targets, fcos_losses, level_ranges
+from .decode import RULES
+from .fcos_head import FCOSHead, HeadOutputs
 from .fpn import FPN
 from .fusion import CrossFeatureFusion
 
-FUSED_WEIGHT = 0.4  # weight of the fused branch in L_T = L_HR + L_LR + 0.4 L_fused (released code)
-BRANCHES = {"fcos": ("hr",), "student": ("lr",), "teacher": ("fused", "hr", "lr")}
+KINDS = ("fcos", "student", "teacher")
 
 
 @dataclass
@@ -37,7 +35,6 @@ class ModelConfig:
     low_res_mode: str = "nearest"
     fusion: bool = True
     cff_hidden: int = 0  # C-FF gate hidden width; 0 = fpn_channels / 8 (released)
-    fused_weight: float = FUSED_WEIGHT
     score_thresh: float = 0.05
     pre_nms_top_n: int = 1000
     nms_thresh: float = 0.6
@@ -61,147 +58,99 @@ class ModelConfig:
         return int(self.backbone[6:])
 
 
+class BranchOutputs(NamedTuple):
+    """What a model gives for one branch: the pyramid, the head's predictions on it and its location grid.
+
+    features: list over the five level positions of B x C x h_i x w_i (HR P3..P7, LR P2..P6 or fused);
+    head: fcos_head.HeadOutputs, B x L x K / B x L x 4 / B x L; geometry: align.Geometry of the L locations,
+    in the HR frame (the same for every branch of one batch, MSAD Sec. 3.1).
+    """
+    features: list
+    head: HeadOutputs
+    geometry: align.Geometry
+
+
 class FCOS(nn.Module):
-    """FCOS on one pyramid. `input_scale=1` is the usual detector on P3..P7; `input_scale=0.5` halves the
-    padded HR batch and reads P2..P6 (the aligned LR branch / MSAD student, Sec. 3.1 and 3.4)."""
+    """FCOS on one pyramid: the HR detector on P3..P7 (`input_scale=1`, branch "hr") or the aligned LR detector
+    on P2..P6 of the half-size image (`input_scale=0.5`, branch "lr": the MSAD student, Sec. 3.1 and 3.4).
+
+    forward(images, branches=None): images, the padded uint8 RGB batch B x 3 x H x W (H, W multiples of 128),
+    -> {branch: BranchOutputs}; `pyramids` is the same without the head. No losses (fcos_loss.FCOSLoss,
+    teacher_loss.TeacherLoss, distill.DistillationLoss) and no decoding (decode.Detector) here.
+    """
 
     def __init__(self, cfg: ModelConfig, input_scale: float = 1.0, fpn_levels=None):
         super().__init__()
         self.cfg, self.input_scale = cfg, input_scale
         self.levels = align.branch_levels(input_scale)
+        self.branches = ("hr",) if input_scale == 1.0 else ("lr",)
         if cfg.decode_rule not in RULES:
             raise ValueError(f"decode_rule must be one of {RULES}, got {cfg.decode_rule!r}")
         self.backbone = ResNetTrunk(cfg.depth, cfg.norm, cfg.width, cfg.freeze_at, cfg.stride_in_1x1)
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, fpn_levels or self.levels, cfg.p6_from)
         self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, cfg.head_convs, len(align.HR_LEVELS))
 
-    # -- pieces shared by every branch -------------------------------------------------------------
     def pyramid(self, x: torch.Tensor, levels) -> list:
+        """FPN levels `levels` of a normalised batch."""
         return self.fpn(self.backbone(x), levels)
 
-    def low_res(self, x: torch.Tensor) -> torch.Tensor:
-        return align.make_low_res(x, self.cfg.low_res_mode)
+    def branch_pyramid(self, x: torch.Tensor, branch: str) -> list:
+        """HR P3..P7 of the normalised HR batch x, or LR P2..P6 of its half (align.make_low_res)."""
+        if branch == "lr":
+            return self.pyramid(align.make_low_res(x, self.cfg.low_res_mode), align.branch_levels(0.5))
+        return self.pyramid(x, align.branch_levels(1.0))
 
-    def branch_features(self, x: torch.Tensor) -> list:
-        """This detector's pyramid on a normalised HR batch (halved first when input_scale is 0.5)."""
-        return self.pyramid(self.low_res(x) if self.input_scale != 1.0 else x, self.levels)
+    def outputs(self, pyramids: dict) -> dict:
+        """{branch: pyramid} -> {branch: BranchOutputs}. Branches of one batch have the same shapes (Sec. 3.1),
+        so the shared head runs once on their concatenation along the batch: GroupNorm is per sample, so this
+        equals one call per branch, with fewer kernel launches."""
+        feats = list(pyramids.values())
+        head = self.head([torch.cat(level) for level in zip(*feats)] if len(feats) > 1 else feats[0])
+        geometry = align.locations(feats[0], self.cfg.center_offset)
+        return {name: BranchOutputs(f, h, geometry)
+                for (name, f), h in zip(pyramids.items(), head.chunk(len(feats)))}
 
-    def features(self, x: torch.Tensor) -> list:
-        """The pyramid that inference decodes, on a normalised HR batch (msad/export.py runs this too)."""
-        return self.branch_features(x)
+    def pyramids(self, images: torch.Tensor, branches=None) -> dict:
+        """{branch: pyramid} of the uint8 batch, without the head (what feature distillation reads)."""
+        (branch,) = check_branches(self, branches)
+        return {branch: self.branch_pyramid(normalize(images), branch)}
 
-    def geometry(self, feats):
-        """HR-frame location grid of a pyramid: points [L, 2], strides [L], ranges [L, 2], shapes."""
-        shapes = [tuple(f.shape[-2:]) for f in feats]
-        points, strides = make_points(shapes, align.hr_strides(), feats[0].device, self.cfg.center_offset)
-        return points, strides, level_ranges(shapes, device=feats[0].device), shapes
-
-    def targets(self, batch, geometry):
-        points, strides, ranges, shapes = geometry
-        return assign_targets(points, strides, ranges, [t["boxes"] for t in batch.targets],
-                              [t["labels"] for t in batch.targets], shapes=shapes)
-
-    def decode_options(self) -> dict:
-        c = self.cfg
-        return dict(score_thresh=c.score_thresh, pre_nms_top_n=c.pre_nms_top_n, nms_thresh=c.nms_thresh,
-                    max_dets=c.max_dets, rule=c.decode_rule)
-
-    def detect(self, head_out, geometry, batch):
-        points, strides, _, shapes = geometry
-        return decode(*head_out, points, strides, shapes, batch.image_sizes, batch.orig_sizes,
-                      **self.decode_options())
-
-    # -- the single-pyramid detector ---------------------------------------------------------------
-    def forward(self, batch, iteration: int = 0, return_features: bool = False):
-        """Training: dict of losses (and the pyramid if asked, for distillation). Eval: detections per image.
-        Every training model is called as model(batch, iteration); only the student's distillation uses it."""
-        if not self.training:
-            feats = self.features(normalize(batch.images))
-            return self.detect(self.head(feats), self.geometry(feats), batch)
-        feats = self.branch_features(normalize(batch.images))
-        head_out = self.head(feats)
-        geometry = self.geometry(feats)
-        losses = fcos_losses(*head_out, self.targets(batch, geometry))
-        return (losses, feats) if return_features else losses
+    def forward(self, images: torch.Tensor, branches=None) -> dict:
+        return self.outputs(self.pyramids(images, branches))
 
 
 class MultiScaleTeacher(FCOS):
-    """The MSAD teacher (Sec. 3.2-3.3): one backbone+FPN+head shared by an HR branch on P3..P7, an LR branch
-    on P2..P6 of the half-size image, and their C-FF fusion. L_T = L_HR + L_LR + 0.4 L_fused."""
+    """The MSAD teacher (Sec. 3.2-3.3): one backbone, FPN (P2..P7) and head shared by an HR branch on P3..P7, an
+    LR branch on P2..P6 of the half-size image, and their C-FF fusion (no "fused" branch with fusion off).
+
+    forward(images, branches=None) -> {branch: BranchOutputs} for `branches` (default: all, in the order hr,
+    lr, fused), each B x ... as in FCOS; only the pyramids they need are computed. Its loss is
+    teacher_loss.TeacherLoss (L_HR + L_LR + 0.4 L_fused).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, 1.0, fpn_levels=range(2, 8))
         self.fusion = CrossFeatureFusion(cfg.fpn_channels, cfg.cff_hidden) if cfg.fusion else None
-        self.branch = "fused" if cfg.fusion else "hr"  # which branch inference returns
+        self.branches = ("hr", "lr", "fused") if cfg.fusion else ("hr", "lr")
 
-    def pyramids(self, x: torch.Tensor):
-        """HR P3..P7, LR P2..P6 and (with C-FF) the fused pyramid, all of the HR P3..P7 shapes."""
-        hr = self.pyramid(x, align.branch_levels(1.0))
-        lr = self.pyramid(self.low_res(x), align.branch_levels(0.5))
-        align.check_aligned(hr, lr)
-        fused = self.fusion(hr, lr) if self.fusion is not None else None
-        return hr, lr, fused
-
-    @torch.no_grad()
-    def distillation_targets(self, batch) -> list:
-        """The features a student imitates: the fused pyramid (the HR pyramid for a teacher without C-FF)."""
-        hr, _, fused = self.pyramids(normalize(batch.images))
-        return fused if fused is not None else hr
-
-    def features(self, x: torch.Tensor) -> list:
-        """The inference pyramid of `self.branch`: one branch alone runs only its own pyramid."""
-        if self.branch == "lr":
-            return self.pyramid(self.low_res(x), align.branch_levels(0.5))
-        if self.branch == "hr":
-            return self.pyramid(x, align.branch_levels(1.0))
-        return self.pyramids(x)[2]
-
-    def forward(self, batch, iteration: int = 0):
-        if not self.training:  # detections of self.branch (FCOS.forward, through self.features)
-            return super().forward(batch, iteration)
-        x = normalize(batch.images)
-        hr, lr, fused = self.pyramids(x)
-        geometry = self.geometry(hr)
-        branches = {"hr_": hr, "lr_": lr} | ({"fused_": fused} if fused is not None else {})
-        # All branches have the same shapes, so the shared head runs once on their concatenation along the
-        # batch (GroupNorm is per sample, so this equals three separate calls, with fewer kernel launches).
-        B = x.shape[0]
-        outs = self.head([torch.cat(level) for level in zip(*branches.values())])  # each: (nB) x L x ...
-        targets = self.targets(batch, geometry)  # computed once, reused by every branch
-        losses = {}
-        for k, prefix in enumerate(branches):
-            part = [o[k * B:(k + 1) * B] for o in outs]
-            weight = self.cfg.fused_weight if prefix == "fused_" else 1.0
-            losses |= {n: weight * v for n, v in fcos_losses(*part, targets, prefix).items()}
-        return losses
+    def pyramids(self, images: torch.Tensor, branches=None) -> dict:
+        """{branch: pyramid} for `branches`: HR P3..P7, LR P2..P6 and their C-FF fusion, all of the HR shapes."""
+        branches = check_branches(self, branches)
+        x = normalize(images)
+        pyramids = {b: self.branch_pyramid(x, b) for b in ("hr", "lr") if b in branches or "fused" in branches}
+        if "fused" in branches:
+            align.check_aligned(pyramids["hr"], pyramids["lr"])
+            pyramids["fused"] = self.fusion(pyramids["hr"], pyramids["lr"])
+        return {b: pyramids[b] for b in branches}
 
 
-class DistilledStudent(nn.Module):
-    """Training wrapper of the student (Sec. 3.4): FCOS losses on the LR image + feature distillation
-    towards the frozen teacher's fused pyramid (no distillation when `teacher` is None).
-
-    The teacher is held in a plain attribute, not registered as a submodule: DDP around this wrapper sees
-    only the student's and the adapters' parameters, `.train()` and `.to()` leave the teacher alone (eval
-    mode, on its device) and state_dict() never holds it. Its features are computed under no_grad.
-    `adapters` (distill.Adapters, a student thinner than its teacher) map the student's pyramid to the
-    teacher's width first; they live here, beside the student, so they train with it but stay out of it."""
-
-    def __init__(self, student: FCOS, distill, teacher: nn.Module | None = None, adapters: nn.Module | None = None,
-                 probe=None):
-        super().__init__()
-        self.student, self.distill, self.adapters = student, distill, adapters
-        object.__setattr__(self, "teacher", teacher)  # not a child module: outside DDP and the checkpoint
-        self.probe = probe  # diagnostics.StudentProbe
-
-    def forward(self, batch, iteration: int = 0):
-        teacher_feats = self.teacher.distillation_targets(batch) if self.teacher is not None else None
-        losses, feats = self.student(batch, return_features=True)
-        if teacher_feats is not None:
-            mapped = self.adapters(feats) if self.adapters is not None else feats  # teacher's width
-            losses |= self.distill(mapped, teacher_feats, iteration)
-            if self.probe is not None:
-                self.probe(iteration, losses, feats, mapped, teacher_feats)
-        return losses
+def check_branches(model: FCOS, branches) -> tuple:
+    """The requested branches (default: all of the model's), refused in one line if the model has not one."""
+    branches = model.branches if branches is None else tuple(branches)
+    unknown = [b for b in branches if b not in model.branches]
+    if unknown or not branches:
+        raise ValueError(f"branch {', '.join(unknown) or '(none)'}: this model has {', '.join(model.branches)}")
+    return branches
 
 
 def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
@@ -212,17 +161,22 @@ def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
         return MultiScaleTeacher(cfg)
     if kind == "student":
         return FCOS(cfg, 0.5)
-    raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(BRANCHES)}")
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def load_teacher(path, device) -> tuple[nn.Module, dict]:
-    """The frozen teacher of a train_teacher.py checkpoint (eval mode, no gradients, on `device`) and its
-    arguments. It stays outside DDP and outside the student's checkpoint."""
-    ckpt = load_checkpoint(path, expected_kind="teacher", made_by="python train_teacher.py")
+def default_branch(kind: str, cfg: ModelConfig) -> str:
+    """The branch a checkpoint is evaluated and exported with unless told: a teacher's fused branch (its HR branch
+    without C-FF), a student's LR, a detector's HR."""
+    return {"fcos": "hr", "student": "lr"}.get(kind, "fused" if cfg.fusion else "hr")
+
+
+def frozen_teacher(ckpt: dict, device) -> nn.Module:
+    """The teacher of a train_teacher.py checkpoint dict, frozen: eval mode, no gradients, on `device`. The student's
+    distillation loss holds it (distill.DistillationLoss), outside DDP and outside the student's checkpoint."""
     teacher = build_model("teacher", ModelConfig.from_dict(ckpt["args"]))
     teacher.load_state_dict(ckpt["model"])
     teacher.requires_grad_(False)
-    return teacher.to(device).eval(), ckpt["args"]
+    return teacher.to(device).eval()
 
 
 def init_backbone(model: nn.Module, weights_path: str | None) -> None:
@@ -242,7 +196,7 @@ def load_partial(model: nn.Module, state: dict, source: str, prefixes=("backbone
     Returns {"loaded": [...], "new": [...]} (the model's keys).
     """
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
-    fresh = sorted(k for k in own if k not in state and k.startswith(tuple(new) or ("\0",)))
+    fresh = sorted(k for k in own if k not in state and any(k.startswith(n) for n in new))
     missing = sorted(k for k in own if k not in state and k not in fresh)
     unexpected = sorted(k for k in state if k.startswith(prefixes) and not k.startswith("fpn.") and k not in own)
     shape = sorted(f"{k} {tuple(own[k].shape)} vs {tuple(state[k].shape)}" for k in own
@@ -256,10 +210,10 @@ def load_partial(model: nn.Module, state: dict, source: str, prefixes=("backbone
     return {"loaded": loaded, "new": fresh}
 
 
-def model_from_checkpoint(ckpt: dict, path: str, branch: str | None = None) -> nn.Module:
-    """Rebuild a model from a checkpoint dict and select its inference branch."""
+def model_from_checkpoint(ckpt: dict, path: str, branch: str | None = None) -> tuple[nn.Module, str]:
+    """Rebuild a model from a checkpoint dict: (model, the branch to run: `branch`, checked, or the default)."""
     kind = ckpt.get("kind")
-    if kind not in BRANCHES:
+    if kind not in KINDS:
         raise ValueError(f"{path}: unknown checkpoint kind {kind!r}")
     cfg = ModelConfig.from_dict(ckpt["args"])
     if cfg.norm == "syncbn":
@@ -268,13 +222,10 @@ def model_from_checkpoint(ckpt: dict, path: str, branch: str | None = None) -> n
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit a {kind} model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    allowed = BRANCHES[kind] if kind != "teacher" or cfg.fusion else ("hr", "lr")
-    if branch is not None and branch not in allowed:
+    if branch is not None and branch not in model.branches:
         raise ValueError(f"--branch {branch}: a {kind} checkpoint{'' if cfg.fusion else ' without C-FF'} "
-                         f"has branches {', '.join(allowed)}")
-    if kind == "teacher":
-        model.branch = branch or allowed[0]
-    return model
+                         f"has branches {', '.join(model.branches)}")
+    return model, branch or default_branch(kind, cfg)
 
 
 def checkpoint_categories(ckpt: dict) -> tuple[list, list]:

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from msad.data import collate
-from msad.models import ModelConfig
+from msad.fcos_loss import FCOSLoss
+from msad.models import ModelConfig, MultiScaleTeacher
+from msad.teacher_loss import TeacherLoss
 
 
 @pytest.fixture
@@ -83,3 +85,13 @@ def build_batch(boxes_per_image, sizes=(128, 128), labels_per_image=None, orig_s
 def make_batch():
     """The `build_batch` helper, as a fixture: `make_batch([[box, ...], []], sizes=(h, w), ...)`."""
     return build_batch
+
+
+@pytest.fixture
+def train_losses():
+    """`train_losses(model, batch)`: the loss a training script forms for the model: TeacherLoss for the
+    multi-scale teacher, FCOSLoss for a detector or a student without distillation."""
+    def losses(model, batch):
+        criterion = TeacherLoss() if isinstance(model, MultiScaleTeacher) else FCOSLoss()
+        return criterion(model(batch.images), batch)
+    return losses

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 from msad import align
 from msad.imagenet import normalize
-from msad.decode import make_points
-from msad.fcos_loss import SIZE_RANGES, assign_targets, level_ranges
+from msad.align import make_points
+from msad.align import SIZE_RANGES, level_ranges
+from msad.fcos_loss import assign_targets
 from msad.models import build_model
 
 pytestmark = pytest.mark.usefixtures("seeded")

@@ -15,6 +15,7 @@ from msad import convert
 from msad.backbone import ResNetTrunk
 from msad.data import collate
 from msad.imagenet import normalize
+from msad.decode import Detector
 from msad.models import model_from_checkpoint
 from scripts_common import run
 
@@ -73,7 +74,7 @@ def test_converted_torchvision_fcos_gives_torchvisions_detections(torchvision_fc
     assert ckpt["kind"] == "fcos" and ckpt["args"]["cat_ids"] == convert.COCO_IDS and len(ckpt["args"]["class_names"]) == 80
     assert set(ckpt["report"]["new"]) == {f"head.scales.{i}.scale" for i in range(5)}
     assert all(k.endswith("num_batches_tracked") for k in ckpt["report"]["dropped"])
-    model = model_from_checkpoint(ckpt, str(path)).eval()
+    model = Detector(*model_from_checkpoint(ckpt, str(path))).eval()
     g = torch.Generator().manual_seed(1)
     for h, w in SIZES:
         image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
@@ -103,6 +104,46 @@ def test_evaluate_images_on_the_converted_file_gives_torchvisions_detections(tor
         names = [convert.COCO_NAMES[convert.COCO_IDS.index(c)] for c in e["category_ids"]]
         assert names == e["category_names"]
         assert_same(e["boxes"], e["scores"], e["category_ids"], theirs, box_atol=0.006)  # rounded to 0.01 px
+
+
+@pytest.fixture(scope="module")
+def any_canvas(torchvision_fcos, tmp_path_factory):
+    """evaluate.py --images with the converted file on 800x1066, 800x800 and 800x1200 images at its test size 800:
+    not resized, only padded (torchvision to 800x1088, 800x800, 800x1216); and torchvision's own detections."""
+    tv, path = torchvision_fcos
+    tmp = tmp_path_factory.mktemp("any_canvas")
+    convert.main(["torchvision", str(path), str(tmp / "fcos.pth")])
+    folder, g, theirs = tmp / "photos", torch.Generator().manual_seed(4), {}
+    folder.mkdir()
+    for h, w in ((800, 1066), (800, 800), (800, 1200)):
+        image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{h}x{w}.png")
+        theirs[f"{h}x{w}.png"] = torchvision_detect(tv, image)
+    evaluate.main(["--checkpoint", str(tmp / "fcos.pth"), "--images", str(folder), "--output-dir", str(tmp / "eval"),
+                   "--workers", "0", "--device", "cpu"])
+    entries = json.loads((tmp / "eval" / "detections.json").read_text())
+    return torch.load(tmp / "fcos.pth", weights_only=True), entries, theirs
+
+
+def test_a_converted_file_pads_as_its_source_so_its_features_are_torchvisions_on_any_canvas(any_canvas):
+    """Padded to 128 (as before), none of the 300 detections had torchvision's score: the padding changes every
+    feature near the border. Padded to 32, as torchvision pads (stored with the converted file), each has."""
+    ckpt, entries, theirs = any_canvas
+    assert ckpt["args"]["size_divisible"] == 32 and len(entries) == 3
+    for e in entries:
+        mine = sorted(zip(e["category_ids"], e["scores"]))
+        ref = sorted(zip(theirs[e["file_name"]]["labels"].tolist(), theirs[e["file_name"]]["scores"].tolist()))
+        assert len(mine) == len(ref) > 10
+        assert all(c == rc and abs(s - rs) <= 1e-4 for (c, s), (rc, rs) in zip(mine, ref))
+
+
+@pytest.mark.xfail(strict=True, reason="torchvision puts P6/P7 locations at canvas // grid (61 and 114 px on an 800 "
+                   "side), not at 64 and 128: 247 of the 300 boxes are equal (P3-P5), the others need the decoding's "
+                   "torchvision rule to use those strides")
+def test_the_converted_file_gives_torchvisions_detections_on_any_canvas(any_canvas):
+    _, entries, theirs = any_canvas
+    for e in entries:
+        assert_same(e["boxes"], e["scores"], e["category_ids"], theirs[e["file_name"]], box_atol=0.006)
 
 
 # ------------------------------------------------------------------ AdelaiDet and the released MSAD files
@@ -236,7 +277,7 @@ def test_released_msad_files_map_tensor_by_tensor_at_their_width(tmp_path, width
     if not student:
         assert torch.equal(ckpt["model"]["fusion.gate.0.weight"], source["SE.fc.0.weight"])
     check_round_trip(source, ckpt)
-    model = model_from_checkpoint(ckpt, "msad.pth")  # loads as our teacher / student
+    model, _ = model_from_checkpoint(ckpt, "msad.pth")  # loads as our teacher / student
     assert sum(p.numel() for p in model.parameters()) > 0
 
 

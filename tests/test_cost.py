@@ -3,6 +3,7 @@ import pytest
 from torch import nn
 
 from msad.cost import count_params, flops_per_image, model_cost
+from msad.decode import Detector
 from msad.models import build_model
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -29,7 +30,7 @@ def test_gflops_equal_a_hand_count_of_one_conv(make_batch):
 
 
 def test_detector_flops_are_per_image_and_params_are_the_inference_models(tiny_cfg, make_batch):
-    student = build_model("student", tiny_cfg)
+    student = Detector(build_model("student", tiny_cfg), "lr")
     one = flops_per_image(student, make_batch([[[10, 10, 60, 60]]]))
     two = flops_per_image(student, make_batch([[[10, 10, 60, 60]], [[20, 30, 90, 100]]]))
     assert one > 0 and two == pytest.approx(one)

@@ -8,9 +8,10 @@ import torch
 from msad import align
 from msad.imagenet import normalize
 from msad.diagnostics import CFFWeights, StudentProbe, probe_iterations
-from msad.distill import FeatureDistillation
+from msad.distill import DistillationLoss, FeatureDistillation, TrainableStudent
+from msad.fcos_loss import fcos_losses, fcos_targets
 from msad.fusion import CrossFeatureFusion
-from msad.models import DistilledStudent, build_model
+from msad.models import build_model
 
 pytestmark = pytest.mark.usefixtures("seeded")
 BOXES = [[[10, 12, 70, 90], [60, 60, 120, 110]], [[30, 20, 100, 60]]]
@@ -32,17 +33,17 @@ def test_cff_weights_are_the_per_level_mean_over_every_image(tiny_cfg, make_batc
         for b in batches:
             x = normalize(b.images)
             hr = teacher.pyramid(x, align.branch_levels(1.0))
-            lr = teacher.pyramid(teacher.low_res(x), align.branch_levels(0.5))
+            lr = teacher.pyramid(align.make_low_res(x), align.branch_levels(0.5))
             expected.append(torch.stack([teacher.fusion.weights(h, l) for h, l in zip(hr, lr)]))  # L x B x 2
     expected = torch.cat(expected, dim=1).mean(dim=1)  # L x 2, over the 4 images
     with CFFWeights(teacher) as cff, torch.no_grad():
         for b in batches:
-            teacher(b)
+            teacher(b.images, ("fused",))
     summary = cff.summary()
     assert summary["a_H"] == pytest.approx(expected[:, 0].tolist(), abs=1e-4)
     assert summary["a_L"] == pytest.approx(expected[:, 1].tolist(), abs=1e-4)
     assert len(summary["a_H"]) == 5
-    teacher(batches[0])  # the hook is gone after the with block
+    teacher(batches[0].images, ("fused",))  # the hook is gone after the with block
     assert cff.count == 4
     assert CFFWeights(build_model("student", tiny_cfg)).summary() == {}  # no C-FF, nothing to report
 
@@ -52,18 +53,20 @@ def test_probe_logs_feature_gap_and_gradient_ratio_without_touching_parameter_gr
     student = build_model("student", tiny_cfg).train()
     batch = make_batch(BOXES, sizes=(128, 160))
     with torch.no_grad():
-        shapes = [f.shape for f in student.branch_features(normalize(batch.images))]
+        shapes = [f.shape for f in student.pyramids(batch.images)["lr"]]
     teacher = build_model("teacher", tiny_cfg).eval()
-    teacher_feats = teacher.distillation_targets(batch)
-    assert [f.shape for f in teacher_feats] == shapes
     probe = StudentProbe({3}, tmp_path / "log.jsonl")
-    model = DistilledStudent(student, FeatureDistillation(2.0, 0), teacher, probe=probe)
-    model(batch, 2)  # not a probed iteration
+    criterion = DistillationLoss(teacher, FeatureDistillation(2.0, 0), probe=probe)
+    teacher_feats = criterion.teacher_pyramid(batch.images)
+    assert [f.shape for f in teacher_feats] == shapes
+    trainable = TrainableStudent(student)
+    criterion(trainable(batch.images), batch, 2)  # not a probed iteration
     assert probe.records == {}
-    losses = model(batch, 3)
+    losses = criterion(trainable(batch.images), batch, 3)
     assert all(p.grad is None for p in student.parameters())  # autograd.grad only, on the pyramid
     # By hand: the same forward (deterministic), gradients of each part w.r.t. the pyramid.
-    by_hand, feats = student(batch, return_features=True)
+    out = student(batch.images)["lr"]
+    by_hand, feats = fcos_losses(out.head, fcos_targets(out.geometry, batch.targets)), out.features
     kd = FeatureDistillation(2.0, 0)(feats, teacher_feats, 3)
     g_kd = torch.autograd.grad(sum(kd.values()), feats, retain_graph=True)
     g_det = torch.autograd.grad(sum(by_hand.values()), feats)

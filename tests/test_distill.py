@@ -3,8 +3,9 @@ L_KD = w(t) * 0.2 * 3 * sum over the 5 levels of mean |S_l - F_l|, w(t) = min(1,
 import pytest
 import torch
 
-from msad.distill import Adapters, FeatureDistillation, build_adapters, warmup_factor
-from msad.models import DistilledStudent, ModelConfig, build_model, model_from_checkpoint
+from msad.distill import (Adapters, DistillationLoss, FeatureDistillation, TrainableStudent, build_adapters,
+                          warmup_factor)
+from msad.models import ModelConfig, build_model, model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -66,30 +67,40 @@ def test_unknown_distance_is_rejected():
         FeatureDistillation(distance="cosine")
 
 
-def test_distilled_student_adds_kd_terms_whose_gradient_reaches_only_the_student(tiny_cfg, make_batch):
-    teacher = build_model("teacher", tiny_cfg).eval()
-    wrapper = DistilledStudent(build_model("student", tiny_cfg).train(), FeatureDistillation(), teacher)
+def test_distillation_loss_adds_kd_terms_whose_gradient_reaches_only_the_student(tiny_cfg, make_batch):
+    teacher = build_model("teacher", tiny_cfg).eval().requires_grad_(False)
+    trainable = TrainableStudent(build_model("student", tiny_cfg).train())
+    criterion = DistillationLoss(teacher, FeatureDistillation())
     batch = make_batch([[[10, 12, 70, 90]], [[30, 20, 100, 60]]], sizes=(128, 128))
-    teacher_feats = teacher.distillation_targets(batch)
+    teacher_feats = criterion.teacher_pyramid(batch.images)
     assert not any(f.requires_grad for f in teacher_feats)  # computed under no_grad
-    losses = wrapper(batch, 500)
+    losses = criterion(trainable(batch.images), batch, 500)
     assert {"loss_cls", "loss_box", "loss_ctr"} < set(losses)
     assert {f"loss_kd_p{l}" for l in range(2, 7)} < set(losses)
     sum(v for k, v in losses.items() if k.startswith("loss_kd")).backward()
-    assert wrapper.student.fpn.output["p2"].weight.grad.abs().sum() > 0
+    assert trainable.student.fpn.output["p2"].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_the_wrapper_holds_the_teacher_outside_its_modules_so_ddp_and_checkpoints_never_see_it(tiny_cfg):
+def test_the_frozen_teacher_is_held_by_the_loss_so_ddp_and_checkpoints_never_see_it(tiny_cfg):
     teacher = build_model("teacher", tiny_cfg).eval()
-    wrapper = DistilledStudent(build_model("student", tiny_cfg), FeatureDistillation(), teacher)
+    trainable = TrainableStudent(build_model("student", tiny_cfg))  # what DDP wraps
+    criterion = DistillationLoss(teacher, FeatureDistillation())
     teacher_params = {id(p) for p in teacher.parameters()}
-    assert wrapper.teacher is teacher
-    assert not teacher_params & {id(p) for p in wrapper.parameters()}  # what DDP would broadcast and all-reduce
-    assert not any(m is teacher for m in wrapper.modules())
-    assert not any(k.startswith("teacher.") for k in wrapper.state_dict())
-    wrapper.train()
+    assert criterion.teacher is teacher and criterion.branch == "fused"
+    assert not teacher_params & {id(p) for p in trainable.parameters()}  # what DDP would broadcast and all-reduce
+    assert not any(m is teacher for m in trainable.modules())
+    assert not any(k.startswith("teacher.") for k in trainable.state_dict())
+    trainable.train()
     assert not teacher.training  # the frozen teacher stays in eval mode
+
+
+def test_without_a_teacher_the_student_loss_is_the_fcos_loss(tiny_cfg, make_batch, train_losses):
+    student = build_model("student", tiny_cfg).train()
+    batch = make_batch([[[10, 12, 70, 90]], [[30, 20, 100, 60]]], sizes=(128, 128))
+    losses = DistillationLoss()(TrainableStudent(student)(batch.images), batch, 500)
+    assert losses.keys() == {"loss_cls", "loss_box", "loss_ctr"}
+    assert all(torch.equal(v, train_losses(student, batch)[k]) for k, v in losses.items())
 
 
 def test_adapters_appear_exactly_when_the_widths_differ():
@@ -106,16 +117,16 @@ def test_a_thin_student_distils_through_adapters_that_stay_out_of_the_inference_
     thin = ModelConfig(**{**tiny_cfg.to_dict(), "fpn_channels": 16, "head_convs": 0})
     student = build_model("student", thin).train()
     batch = make_batch([[[10, 12, 70, 90]], [[30, 20, 100, 60]]], sizes=(128, 128))
-    teacher_feats = teacher.distillation_targets(batch)
+    criterion = DistillationLoss(teacher, FeatureDistillation())
     with pytest.raises(ValueError, match="student P2"):  # without adapters the pyramids cannot be compared
-        DistilledStudent(student, FeatureDistillation(), teacher)(batch, 500)
-    wrapper = DistilledStudent(student, FeatureDistillation(), teacher, build_adapters(16, 32))
-    losses = wrapper(batch, 500)
+        criterion(TrainableStudent(student)(batch.images), batch, 500)
+    trainable = TrainableStudent(student, build_adapters(16, 32))
+    losses = criterion(trainable(batch.images), batch, 500)
     sum(v for k, v in losses.items() if k.startswith("loss_kd")).backward()
-    assert all(c.weight.grad.abs().sum() > 0 for c in wrapper.adapters.convs)  # every level position trains
+    assert all(c.weight.grad.abs().sum() > 0 for c in trainable.adapters.convs)  # every level position trains
     assert student.fpn.output["p2"].weight.grad.abs().sum() > 0  # and the student through them
     assert len(student.head.cls_tower) == 0 and student.head.cls_logits.in_channels == 16  # --head-convs 0
     state = student.state_dict()
     assert not any("adapters" in k for k in state)  # the inference model is the student alone
     ckpt = {"kind": "student", "model": state, "args": thin.to_dict()}
-    assert model_from_checkpoint(ckpt, "s.pth").state_dict().keys() == state.keys()
+    assert model_from_checkpoint(ckpt, "s.pth")[0].state_dict().keys() == state.keys()

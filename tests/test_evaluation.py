@@ -83,7 +83,7 @@ def test_no_detections_score_zero_instead_of_crashing(tmp_path):
 
 
 @pytest.mark.parametrize("content, words", [
-    ("[{]", "not valid JSON"), ('{"a": 1}', "JSON list"),
+    ("[{]", "malformed JSON"), ('{"a": 1}', "JSON list"),
     ('[{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]', "detections[0] lacks category_id"),
     ('[{"image_id": 1, "category_id": 1, "bbox": 5, "score": 1}]', "detections[0] field 'bbox' must be a list"),
     ('[{"image_id": 1, "category_id": 1, "bbox": null, "score": 1}]', "got None"),

@@ -10,7 +10,8 @@ import torchvision
 import evaluate
 from msad import export
 from msad.data import PAD_VALUE, collate
-from msad.models import ModelConfig, build_model
+from msad.decode import Detector
+from msad.models import ModelConfig, build_model, default_branch
 from msad.synthetic import ensure_synthetic
 from scripts_common import run
 
@@ -21,15 +22,16 @@ CFG = ModelConfig(backbone="resnet18", width=0.25, norm="gn", freeze_at=0, fpn_c
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def detecting(kind: str, cfg: ModelConfig = CFG, seed: int = 0):
-    """An untrained model whose classification bias makes ~half its scores pass the threshold: many boxes."""
+def detecting(kind: str, cfg: ModelConfig = CFG, seed: int = 0, branch: str | None = None) -> Detector:
+    """An untrained model whose classification bias makes ~half its scores pass the threshold (many boxes), as
+    the Detector of `branch` (the kind's default)."""
     torch.manual_seed(seed)
     model = build_model(kind, cfg).eval()
     with torch.no_grad():
         model.head.cls_logits.bias.fill_(0.0)
         model.head.cls_logits.weight.normal_(std=0.5)
         model.head.box_pred.weight.normal_(std=0.2)
-    return model
+    return Detector(model, branch or default_branch(kind, cfg))
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +72,23 @@ def test_program_keeps_zero_or_one_box_without_failing(student_program):
     model, _ = student_program
     one = detecting("student", seed=1)
     with torch.no_grad():  # every box covers the whole image and one class passes: NMS keeps exactly one
-        one.head.box_pred.weight.zero_()
-        one.head.box_pred.bias.fill_(1e4)
-        one.head.cls_logits.weight.zero_()
-        one.head.cls_logits.bias.copy_(torch.tensor([5.0] + [-20.0] * 7))
+        one.model.head.box_pred.weight.zero_()
+        one.model.head.box_pred.bias.fill_(1e4)
+        one.model.head.cls_logits.weight.zero_()
+        one.model.head.cls_logits.bias.copy_(torch.tensor([5.0] + [-20.0] * 7))
     program = export.export(one).module()
     image, size = torch.randint(0, 256, (3, 256, 384), dtype=torch.uint8), torch.tensor([256, 384])
     boxes, scores, labels = program(image, size)
     assert labels.tolist() == [0] and boxes.tolist() == [[0.0, 0.0, 384.0, 256.0]]
     with torch.no_grad():
-        one.head.cls_logits.bias.fill_(-20.0)  # nothing passes the threshold
+        one.model.head.cls_logits.bias.fill_(-20.0)  # nothing passes the threshold
     assert export.export(one).module()(image, size)[1].numel() == 0
 
 
 def test_teacher_branches_export_with_their_own_resolution():
-    teacher = detecting("teacher", replace(CFG, cff_hidden=8))
     image, size = torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8), torch.tensor([256, 256])
     for branch in ("lr", "fused"):
-        teacher.branch = branch
+        teacher = detecting("teacher", replace(CFG, cff_hidden=8), branch=branch)
         program = export.export(teacher).module()
         same_detections(export.Deployable(teacher)(image, size), program(image, size))
 
@@ -102,7 +103,7 @@ def checkpoint(tmp_path_factory):
     args = {**CFG.to_dict(), "preset": "demo", "test_size": 256, "max_size": 400, "cat_ids": [c["id"] for c in cats],
             "class_names": [c["name"] for c in cats]}
     path = tmp / "student.pth"
-    torch.save({"kind": "student", "model": detecting("student").state_dict(), "args": args, "iteration": 1}, path)
+    torch.save({"kind": "student", "model": detecting("student").model.state_dict(), "args": args, "iteration": 1}, path)
     return {"tmp": tmp, "root": root, "path": path}
 
 
@@ -125,14 +126,62 @@ def test_evaluate_gives_the_same_results_for_the_program_as_for_its_checkpoint(c
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2)  # rounded to 2 decimals in the file
 
 
-def test_a_program_says_which_branch_it_holds(checkpoint):
+def student_pt2(checkpoint):
+    """The checkpoint fixture's .pt2 (exported by the evaluation test above, or here when run alone)."""
     program = checkpoint["tmp"] / "student.pt2"
     if not program.exists():
         export.main(["--checkpoint", str(checkpoint["path"]), "--output", str(program)])
-    detector, ckpt = export.load_exported(str(program))
+    return program
+
+
+def test_a_program_says_which_branch_it_holds(checkpoint):
+    detector, ckpt = export.load_exported(str(student_pt2(checkpoint)))
     assert ckpt["kind"] == "student" and detector.branch == "lr"
-    with pytest.raises(ValueError, match="holds the lr branch only"):
-        detector.to_device("cpu", "fused")
+    for branch in ("fused", "hr"):  # a student has no other branch to export: no --branch hint
+        with pytest.raises(ValueError, match="holds the lr branch only") as error:
+            detector.to_device("cpu", branch)
+        assert "a student has no other branch" in str(error.value) and "msad.export" not in str(error.value)
+
+
+def test_a_program_evaluates_at_test_size_128_on_a_padded_canvas(checkpoint, tmp_path):
+    """A 128 px test size makes 128 px canvases; the program traces levels of size >= 2 (256 px), so its
+    detector pads such a canvas to 256 as the data loader pads: every image gets detections, none outside it."""
+    root = checkpoint["root"]
+    flags = ["--checkpoint", str(student_pt2(checkpoint)), "--test-size", "128", "--max-size", "160",
+             "--workers", "0", "--device", "cpu"]
+    metrics = evaluate.main([*flags, "--val-ann", f"{root}/annotations/instances_val2017.json", "--val-images",
+                             f"{root}/val2017", "--output-dir", str(tmp_path / "coco")])
+    assert metrics["test_size"] == 128 and metrics["AP"] >= 0
+    folder = evaluate.main([*flags, "--images", f"{root}/val2017", "--output-dir", str(tmp_path / "images")])
+    entries = json.loads((tmp_path / "images" / "detections.json").read_text())
+    assert folder["images"] == 3 and all(e["scores"] for e in entries)
+    orig = {i["file_name"]: (i["height"], i["width"]) for i in
+            json.loads(open(f"{root}/annotations/instances_val2017.json").read())["images"]}
+    for e in entries:  # original pixels, so within the file's sides
+        h, w = orig[e["file_name"]]
+        assert all(b[2] <= w + 1e-3 and b[3] <= h + 1e-3 for b in e["boxes"])
+
+
+@pytest.mark.parametrize("damage", ["text", "truncated", "empty", "missing"])
+def test_a_damaged_program_is_one_line_without_torchs_logged_traceback(checkpoint, tmp_path, capfd, damage):
+    path = tmp_path / "student.pt2"
+    data = student_pt2(checkpoint).read_bytes()
+    if damage != "missing":
+        path.write_bytes({"text": b"not a program", "truncated": data[:len(data) // 2], "empty": b""}[damage])
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=f"{path} is not a loadable torch.export program"):
+        export.load_exported(str(path))
+    assert capfd.readouterr().err == ""  # torch.export.load logs a 12-line traceback at WARNING
+
+
+def test_invalid_metadata_in_a_program_names_the_file(tmp_path):
+    program = torch.export.export(torch.nn.ReLU(), (torch.zeros(2),))
+    for text, words in (("{not json", "msad.json is not valid JSON"), ('{"kind": "student"}', "lacks kind")):
+        path = tmp_path / "bad.pt2"
+        torch.export.save(program, path, extra_files={export.METADATA: text})
+        with pytest.raises(ValueError, match=words) as error:
+            export.load_exported(str(path))
+        assert str(path) in str(error.value)
 
 
 @pytest.mark.parametrize("make,flags,words", [
@@ -144,7 +193,7 @@ def test_bad_input_to_the_exporter_is_one_line(checkpoint, tmp_path, make, flags
     path = tmp_path / "model.pth"
     if make == "teacher":
         ckpt = torch.load(checkpoint["path"], weights_only=True)
-        teacher = detecting("teacher", replace(CFG, cff_hidden=8))
+        teacher = detecting("teacher", replace(CFG, cff_hidden=8)).model
         torch.save({**ckpt, "kind": "teacher", "model": teacher.state_dict()}, path)
     elif make is not None:
         make(path)

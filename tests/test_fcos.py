@@ -11,8 +11,10 @@ import torch
 import torchvision
 
 from msad import align
-from msad.decode import class_nms, decode, decode_image, make_points
-from msad.fcos_loss import Targets, assign_targets, assign_targets_dense, focal_loss_sum, giou_loss_ltrb, level_ranges
+from msad.align import Geometry, level_ranges, make_points
+from msad.decode import class_nms, decode, decode_image
+from msad.fcos_head import HeadOutputs
+from msad.fcos_loss import Targets, assign_targets, assign_targets_dense, focal_loss_sum, giou_loss_ltrb
 from msad.models import ModelConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -25,7 +27,7 @@ def hr_grid(h, w):
     """Location grid of an HR image padded to h x w (multiples of 128): points, strides, ranges, shapes."""
     shapes = [(math.ceil(h / s), math.ceil(w / s)) for s in align.hr_strides()]
     points, strides = make_points(shapes, align.hr_strides(), torch.device("cpu"))
-    return points, strides, level_ranges(shapes), shapes
+    return Geometry(points, strides, level_ranges(shapes), shapes)
 
 
 def loc(shapes, position, x, y):
@@ -252,7 +254,7 @@ def test_decode_maps_one_confident_location_to_its_box_in_original_pixels():
     cls[0, p, 2], ctr[0, p] = 5.0, 5.0
     box[0, p] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # in stride units
     # resized 200 x 250 from an original of 400 x 500: original pixels are twice the resized ones
-    out = decode(cls, box, ctr, points, strides, shapes, [(200, 250)], [(400, 500)])[0]
+    out = decode(HeadOutputs(cls, box, ctr), Geometry(points, strides, None, shapes), [(200, 250)], [(400, 500)])[0]
     assert out["labels"].tolist() == [2]
     expected = torch.tensor([[72 - 16, 88 - 32, 72 + 48, 88 + 64]], dtype=torch.float32) * 2
     assert torch.allclose(out["boxes"], expected)
@@ -268,7 +270,7 @@ def test_decode_drops_boxes_that_clipping_leaves_with_zero_width_or_height():
         cls[0, p, label], ctr[0, p] = 5.0, 5.0
     # the image is 200 x 200 inside its 256 x 256 canvas: the right and bottom locations sit in the padding,
     # 12 px past the border with an 8 px reach, so clipping leaves them zero width / zero height
-    out = decode(cls, box, ctr, points, strides, shapes, [(200, 200)], [(200, 200)])[0]
+    out = decode(HeadOutputs(cls, box, ctr), Geometry(points, strides, None, shapes), [(200, 200)], [(200, 200)])[0]
     assert out["labels"].tolist() == [0]
     assert torch.allclose(out["boxes"], torch.tensor([[52.0, 52.0, 68.0, 68.0]]))
 
@@ -280,7 +282,7 @@ def test_decode_keeps_at_most_100_sorted_boxes_inside_the_original_image():
     box = torch.rand(B, L, 4) * 6  # up to 6 strides: many boxes cross the image border
     ctr = torch.randn(B, L)
     image_sizes, orig_sizes = [(200, 300), (256, 384)], [(400, 600), (128, 192)]
-    results = decode(cls, box, ctr, points, strides, shapes, image_sizes, orig_sizes)
+    results = decode(HeadOutputs(cls, box, ctr), Geometry(points, strides, None, shapes), image_sizes, orig_sizes)
     assert len(results) == B
     for r, (H0, W0) in zip(results, orig_sizes):
         assert len(r["boxes"]) == len(r["scores"]) == len(r["labels"]) == 100  # plenty of candidates: capped
@@ -345,14 +347,14 @@ def test_r50_fcos_with_batchnorm_differs_from_torchvision_only_by_the_five_scale
     assert sum(p.numel() for p in model.parameters()) - torchvision_r50_fcos_params == 5
 
 
-def test_a_few_sgd_steps_on_one_batch_reduce_the_loss(tiny_cfg, make_batch):
+def test_a_few_sgd_steps_on_one_batch_reduce_the_loss(tiny_cfg, make_batch, train_losses):
     model = build_model("fcos", tiny_cfg).train()
     batch = make_batch([[[10, 12, 70, 90], [60, 60, 120, 110]], [[30, 20, 100, 60]]], sizes=(128, 128),
                        labels_per_image=[[0, 1], [2]])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     history = []
     for _ in range(30):
-        loss = sum(model(batch).values())
+        loss = sum(train_losses(model, batch).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -362,10 +364,11 @@ def test_a_few_sgd_steps_on_one_batch_reduce_the_loss(tiny_cfg, make_batch):
 
 
 @pytest.mark.parametrize("kind", ["fcos", "student", "teacher"])
-def test_batch_without_positives_gives_finite_losses_and_a_gradient_to_every_parameter(kind, tiny_cfg, make_batch):
+def test_batch_without_positives_gives_finite_losses_and_a_gradient_to_every_parameter(kind, tiny_cfg, make_batch,
+                                                                                       train_losses):
     # DDP without find_unused_parameters needs every trainable parameter in the graph on every process.
     model = build_model(kind, tiny_cfg).train()
-    losses = model(make_batch([[], []], sizes=(128, 128)))
+    losses = train_losses(model, make_batch([[], []], sizes=(128, 128)))
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]

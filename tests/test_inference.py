@@ -12,6 +12,8 @@ from PIL import Image, ImageOps
 
 import evaluate
 from msad.data import CocoDetection, collate
+from msad.decode import Detector
+from msad.fcos_loss import FCOSLoss
 from msad.samplers import build_eval_loader
 from msad.models import ModelConfig, build_model
 from msad.synthetic import ensure_synthetic
@@ -37,7 +39,7 @@ def trained(tmp_path_factory, one_thread):
     batch = collate([ds[i] for i in range(len(ds))])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     for _ in range(20):
-        loss = sum(model(batch).values())
+        loss = sum(FCOSLoss()(model(batch.images), batch).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -46,7 +48,7 @@ def trained(tmp_path_factory, one_thread):
             "cat_ids": ds.cat_ids, "class_names": ds.class_names}  # as train_student.py saves them
     ckpt = tmp / "student.pth"
     torch.save({"kind": "student", "model": model.state_dict(), "args": args, "iteration": 20}, ckpt)
-    return {"tmp": tmp, "val": val, "dataset": ds, "model": model, "checkpoint": ckpt}
+    return {"tmp": tmp, "val": val, "dataset": ds, "model": Detector(model, "lr"), "checkpoint": ckpt}
 
 
 def detections_by_image(model, loader):

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from msad import align
+from msad.decode import Detector
+from msad.distill import DistillationLoss
 from msad.imagenet import normalize
-from msad.decode import make_points
-from msad.fcos_loss import assign_targets, fcos_losses, level_ranges
+from msad.fcos_loss import assign_targets, fcos_losses, fcos_targets
 from msad.fusion import CrossFeatureFusion
 from msad.models import build_model, load_partial, model_from_checkpoint
+from msad.teacher_loss import TeacherLoss
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -73,7 +75,7 @@ def test_teacher_pyramids_are_hr_p3_p7_lr_p2_p6_of_the_half_image_and_their_fusi
     teacher = build_model("teacher", tiny_cfg).eval()
     x = normalize(batch.images)
     with torch.no_grad():
-        hr, lr, fused = teacher.pyramids(x)
+        hr, lr, fused = teacher.pyramids(batch.images).values()
         expected_hr = teacher.pyramid(x, (3, 4, 5, 6, 7))
         expected_lr = teacher.pyramid(x[..., ::2, ::2], (2, 3, 4, 5, 6))  # nearest 0.5x of the padded HR batch
         expected_fused = teacher.fusion(expected_hr, expected_lr)
@@ -83,15 +85,14 @@ def test_teacher_pyramids_are_hr_p3_p7_lr_p2_p6_of_the_half_image_and_their_fusi
 
 def test_teacher_loss_is_hr_plus_lr_plus_0_4_fused(tiny_cfg, batch):
     teacher = build_model("teacher", tiny_cfg).train()
-    losses = teacher(batch)
-    with torch.no_grad():  # recompute every branch by hand, with one set of HR-frame targets
-        hr, lr, fused = teacher.pyramids(normalize(batch.images))
-        shapes = [tuple(f.shape[-2:]) for f in hr]
-        points, strides = make_points(shapes, align.hr_strides(), torch.device("cpu"))
-        targets = assign_targets(points, strides, level_ranges(shapes), [t["boxes"] for t in batch.targets],
+    losses = TeacherLoss()(teacher(batch.images), batch)
+    with torch.no_grad():  # recompute every branch by hand, one head call each, with one set of HR-frame targets
+        pyramids = teacher.pyramids(batch.images)
+        shapes = [tuple(f.shape[-2:]) for f in pyramids["hr"]]
+        points, strides = align.make_points(shapes, align.hr_strides(), torch.device("cpu"))
+        targets = assign_targets(points, strides, align.level_ranges(shapes), [t["boxes"] for t in batch.targets],
                                  [t["labels"] for t in batch.targets], shapes=shapes)
-        by_hand = {name: fcos_losses(*teacher.head(feats), targets) for name, feats in
-                   (("hr", hr), ("lr", lr), ("fused", fused))}
+        by_hand = {name: fcos_losses(teacher.head(feats), targets) for name, feats in pyramids.items()}
     assert set(losses) == {f"{b}_loss_{t}" for b in ("hr", "lr", "fused") for t in ("cls", "box", "ctr")}
     for name, weight in (("hr", 1.0), ("lr", 1.0), ("fused", 0.4)):
         for term, value in by_hand[name].items():
@@ -102,7 +103,7 @@ def test_teacher_loss_is_hr_plus_lr_plus_0_4_fused(tiny_cfg, batch):
 
 def test_teacher_loss_reaches_backbone_fpn_head_and_fusion(tiny_cfg, batch):
     teacher = build_model("teacher", tiny_cfg).train()
-    sum(teacher(batch).values()).backward()
+    sum(TeacherLoss()(teacher(batch.images), batch).values()).backward()
     grads = {n: p.grad for n, p in teacher.named_parameters()}
     assert not [n for n, g in grads.items() if g is None]  # every parameter is in the graph
     # fpn.lateral.p2 is used by the LR branch only, fpn.p7 by the HR branch only. (head.box_pred and the
@@ -116,9 +117,8 @@ def test_teacher_loss_reaches_backbone_fpn_head_and_fusion(tiny_cfg, batch):
 def test_each_teacher_branch_returns_detections_at_inference(branch, tiny_cfg, batch):
     # untrained, so every score is ~0.07: keep everything above 0, but only the top 50 per level (fast NMS)
     teacher = build_model("teacher", replace(tiny_cfg, score_thresh=0.0, pre_nms_top_n=50)).eval()
-    teacher.branch = branch
     with torch.no_grad():
-        dets = teacher(batch)
+        dets = Detector(teacher, branch)(batch)
     assert len(dets) == 2
     for d in dets:
         assert d["boxes"].shape[1] == 4 and 0 < len(d["boxes"]) <= 100
@@ -129,9 +129,8 @@ def test_teacher_branches_run_different_pyramids(tiny_cfg, batch):
     teacher = build_model("teacher", replace(tiny_cfg, score_thresh=0.0, pre_nms_top_n=50)).eval()
     scores = {}
     for branch in ("fused", "hr", "lr"):
-        teacher.branch = branch
         with torch.no_grad():
-            scores[branch] = teacher(batch)[0]["scores"]
+            scores[branch] = Detector(teacher, branch)(batch)[0]["scores"]
     assert not torch.equal(scores["fused"], scores["hr"])
     assert not torch.equal(scores["fused"], scores["lr"])
     assert not torch.equal(scores["hr"], scores["lr"])
@@ -143,10 +142,16 @@ def checkpoint(model, kind, cfg):
 
 def test_checkpoint_branch_selection(tiny_cfg):
     teacher = build_model("teacher", tiny_cfg)
-    model = model_from_checkpoint(checkpoint(teacher, "teacher", tiny_cfg), "t.pth", "lr")
-    assert model.branch == "lr"
+    model, branch = model_from_checkpoint(checkpoint(teacher, "teacher", tiny_cfg), "t.pth", "lr")
+    assert branch == "lr"
     assert torch.equal(model.state_dict()["fusion.gate.0.weight"], teacher.state_dict()["fusion.gate.0.weight"])
-    assert model_from_checkpoint(checkpoint(teacher, "teacher", tiny_cfg), "t.pth").branch == "fused"
+    assert model_from_checkpoint(checkpoint(teacher, "teacher", tiny_cfg), "t.pth")[1] == "fused"  # the default
+    student = build_model("student", tiny_cfg)
+    assert model_from_checkpoint(checkpoint(student, "student", tiny_cfg), "s.pth")[1] == "lr"
+    fcos = build_model("fcos", tiny_cfg)
+    assert model_from_checkpoint(checkpoint(fcos, "fcos", tiny_cfg), "f.pth")[1] == "hr"
+    no_cff = replace(tiny_cfg, fusion=False)
+    assert model_from_checkpoint(checkpoint(build_model("teacher", no_cff), "teacher", no_cff), "t.pth")[1] == "hr"
 
 
 def test_checkpoint_without_fusion_rejects_the_fused_branch(tiny_cfg):
@@ -165,10 +170,11 @@ def test_fcos_checkpoint_rejects_a_teacher_branch(tiny_cfg):
 def test_teacher_without_fusion_has_no_fusion_parameters_or_fused_loss(tiny_cfg, batch):
     teacher = build_model("teacher", replace(tiny_cfg, fusion=False)).train()
     assert not [n for n, _ in teacher.named_parameters() if n.startswith("fusion")]
-    assert not [k for k in teacher(batch) if k.startswith("fused_")]
+    assert not [k for k in TeacherLoss()(teacher(batch.images), batch) if k.startswith("fused_")]
     teacher.eval()
-    hr, _, _ = teacher.pyramids(normalize(batch.images))
-    assert all(torch.equal(t, h) for t, h in zip(teacher.distillation_targets(batch), hr))  # imitate HR instead
+    hr = teacher.pyramids(batch.images, ("hr",))["hr"]
+    kd = DistillationLoss(teacher)
+    assert all(torch.equal(t, h) for t, h in zip(kd.teacher_pyramid(batch.images), hr))  # imitate HR instead
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -180,7 +186,7 @@ def test_student_reads_p2_to_p6_of_the_half_size_image(tiny_cfg, batch):
     student.backbone.register_forward_pre_hook(lambda m, args: seen.update(input=args[0].shape) or None)
     student.fpn.register_forward_pre_hook(lambda m, args: seen.update(levels=tuple(args[1])) or None)
     with torch.no_grad():
-        student(batch)
+        student(batch.images)
     B, _, H, W = batch.images.shape
     assert seen["input"] == (B, 3, H // 2, W // 2)
     assert seen["levels"] == (2, 3, 4, 5, 6)
@@ -189,21 +195,20 @@ def test_student_reads_p2_to_p6_of_the_half_size_image(tiny_cfg, batch):
 
 def test_student_head_grid_equals_the_hr_detectors_grid(tiny_cfg, batch):
     student, hr_fcos = build_model("student", tiny_cfg), build_model("fcos", tiny_cfg)
-    x = normalize(batch.images)
     with torch.no_grad():
-        s_geo = student.geometry(student.branch_features(x))
-        h_geo = hr_fcos.geometry(hr_fcos.branch_features(x))
-    assert s_geo[3] == h_geo[3]  # level shapes
-    assert len(s_geo[0]) == len(h_geo[0])  # number of locations
-    assert torch.equal(s_geo[0], h_geo[0]) and torch.equal(s_geo[1], h_geo[1])  # HR-frame points and strides
+        s_geo = student(batch.images)["lr"].geometry
+        h_geo = hr_fcos(batch.images)["hr"].geometry
+    assert s_geo.shapes == h_geo.shapes  # level shapes
+    assert len(s_geo.points) == len(h_geo.points)  # number of locations
+    assert torch.equal(s_geo.points, h_geo.points) and torch.equal(s_geo.strides, h_geo.strides)  # HR frame
+    assert torch.equal(s_geo.ranges, h_geo.ranges)  # and size ranges
 
 
 def test_student_and_hr_detector_get_identical_targets(tiny_cfg, batch):
     student, hr_fcos = build_model("student", tiny_cfg), build_model("fcos", tiny_cfg)
-    x = normalize(batch.images)
     with torch.no_grad():
-        s = student.targets(batch, student.geometry(student.branch_features(x)))
-        h = hr_fcos.targets(batch, hr_fcos.geometry(hr_fcos.branch_features(x)))
+        s = fcos_targets(student(batch.images)["lr"].geometry, batch.targets)
+        h = fcos_targets(hr_fcos(batch.images)["hr"].geometry, batch.targets)
     assert s.pos.any()
     assert torch.equal(s.labels, h.labels) and torch.equal(s.ltrb[s.pos], h.ltrb[h.pos])
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the 
 from conftest import build_batch  # noqa: E402
 from msad import dist  # noqa: E402
 from msad.models import ModelConfig, build_model  # noqa: E402
+from msad.teacher_loss import TeacherLoss  # noqa: E402
 
 
 def main(out):
@@ -34,7 +35,7 @@ def main(out):
                         orig_sizes=batch.orig_sizes[r], image_ids=batch.image_ids[r])
     history = []
     for _ in range(3):
-        losses = trainable(batch)
+        losses = TeacherLoss()(trainable(batch.images), batch)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()

@@ -69,17 +69,16 @@ def data_iter_fn(global_batch: int, rank: int = 0, world_size: int = 1):
     return make
 
 
-def make_step_fn(forward_model, hook=None):
+def make_criterion(hook=None):
     """Two named loss terms, as the detector's loss dict; `hook(it)` may raise, sleep, return a loss override."""
 
-    def step_fn(batch, it):
-        pred = forward_model(batch.images)
+    def criterion(pred, batch, it):
         losses = {"loss_mse": F.mse_loss(pred, batch.targets), "loss_l1": 0.1 * F.l1_loss(pred, batch.targets)}
         if hook is not None:
             losses = hook(it, losses) or losses
         return losses
 
-    return step_fn
+    return criterion
 
 
 def build(lr=0.05, width=8, warmup_iters=5, steps=(1000,), seed=0):
@@ -127,7 +126,7 @@ def main(argv=None) -> int:
                              checkpoint_period=args.checkpoint_period, log_period=args.log_period,
                              resume=args.resume, device=info.device)
     print("training", flush=True)
-    result = engine.train(make_step_fn(forward_model, hook), model, optimizer, scheduler,
+    result = engine.train(forward_model, make_criterion(hook), model, optimizer, scheduler,
                           data_iter_fn(args.global_batch, info.rank, info.world_size), cfg)
     if info.is_main:
         print(json.dumps({"per_rank_batch": per_rank, **result}), flush=True)
