@@ -234,6 +234,60 @@ def _optimizer_step(total, optimizer, scaler, clip_grad) -> None:
     scaler.update()
 
 
+def _start_run(model, optimizer, scheduler, cfg: TrainConfig, aux: dict, main: bool):
+    """Before the first step: the output folder (rank 0), the fp16 scaler, the resumed state, config.json and the
+    log. Returns (scaler or None, the iteration to start from, the logger)."""
+    if main:
+        claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
+        for name in RUN_FILES if cfg.overwrite else ():  # the replaced run: nothing of it may be mistaken for ours
+            (Path(cfg.output_dir) / name).unlink(missing_ok=True)
+    if cfg.device.type == "cpu":
+        # Denormal floats (tiny values, e.g. in the gradients of fresh weights) can slow CPU kernels many times
+        # on some x86 CPUs; flushing them to zero leaves the losses unchanged (the demo's first 40 are equal
+        # bit for bit). Process-wide, like every CPU tensor op it affects.
+        torch.set_flush_denormal(True)
+    scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
+    start_iter = checkpoint.resume(model, optimizer, scheduler, scaler, cfg, aux)
+    if main:  # the run really starts: its configuration beside it (a refused or failed start leaves the old one)
+        checkpoint.write_json_atomic(cfg.args, Path(cfg.output_dir) / "config.json")
+    logger = _Logger(cfg, enabled=main)
+    if main and start_iter == 0:
+        logger.path.unlink(missing_ok=True)  # a run killed before its first checkpoint leaves a stale log
+    return scaler, start_iter, logger
+
+
+def _next_batch(data, it: int, cfg: TrainConfig):
+    """The batch of iteration `it`, on the device; an iterator that ends early is an error."""
+    try:
+        return next(data).to(cfg.device, non_blocking=True)
+    except StopIteration:
+        raise RuntimeError(f"data iterator ended at iteration {it}, before {cfg.iters}") from None
+
+
+def _train_step(train_model, criterion, batch, it: int, optimizer, scheduler, scaler, cfg: TrainConfig,
+                stop: "_StopRequest") -> tuple[dict, bool, float]:
+    """One iteration: outputs = train_model(images), losses = criterion(outputs, batch, it), then the update.
+    Returns (global mean of each loss term, whether any rank asked to stop, the lr this step used)."""
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    with torch.autocast(cfg.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        losses = criterion(train_model(batch.images), batch, it)
+    terms, stop_now = _global_terms(losses, stop.requested, cfg.device)  # read after the forward, as late as can be
+    _check_finite(terms, it)  # before backward: the weights stay those of the last good step
+    lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
+    _optimizer_step(sum(losses.values()), optimizer, scaler, cfg.clip_grad)
+    scheduler.step()
+    return terms, stop_now, lr
+
+
+def _end_run(model, cfg: TrainConfig, done: int, signal_name: str | None, main: bool) -> None:
+    """After the last step: model_final.pth, or after a stop (its checkpoint saved) the line that says so."""
+    if signal_name is None:
+        checkpoint.save_final(model, done, cfg)
+    elif main:
+        print(f"stop requested ({signal_name}): saved {Path(cfg.output_dir) / CHECKPOINT} at iteration {done}",
+              file=sys.stderr)
+
+
 def train(train_model, criterion, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_iter_fn,
           cfg: TrainConfig, aux: dict | None = None) -> dict:
     """Run iterations [start, cfg.iters) of `train_model`; the one training loop of both stages. Each step is
@@ -257,24 +311,8 @@ def train(train_model, criterion, model: nn.Module, optimizer: torch.optim.Optim
     non-finite loss, before that step changes the weights, and on non-finite weights, before saving them.
     """
     main = dist.is_main_process()
-    if main:
-        claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
-        for name in RUN_FILES if cfg.overwrite else ():  # the replaced run: nothing of it may be mistaken for ours
-            (Path(cfg.output_dir) / name).unlink(missing_ok=True)
-    if cfg.device.type == "cpu":
-        # Denormal floats (tiny values, e.g. in the gradients of fresh weights) can slow CPU kernels many times
-        # on some x86 CPUs; flushing them to zero leaves the losses unchanged (the demo's first 40 are equal
-        # bit for bit). Process-wide, like every CPU tensor op it affects.
-        torch.set_flush_denormal(True)
-    scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
-    amp_dtype = AMP_DTYPES[cfg.amp]
     aux = aux or {}
-    start_iter = checkpoint.resume(model, optimizer, scheduler, scaler, cfg, aux)
-    if main:  # the run really starts: its configuration beside it (a refused or failed start leaves the old one)
-        checkpoint.write_json_atomic(cfg.args, Path(cfg.output_dir) / "config.json")
-    logger = _Logger(cfg, enabled=main)
-    if main and start_iter == 0:
-        logger.path.unlink(missing_ok=True)  # a run killed before its first checkpoint leaves a stale log
+    scaler, start_iter, logger = _start_run(model, optimizer, scheduler, cfg, aux, main)
     bar = tqdm(total=cfg.iters, initial=start_iter, desc=cfg.kind, dynamic_ncols=True,
                disable=True if not main else None)  # None: tqdm disables itself when not a tty
     for module in (model, *aux.values()):
@@ -287,19 +325,11 @@ def train(train_model, criterion, model: nn.Module, optimizer: torch.optim.Optim
         data = data_iter_fn(start_iter) if start_iter < cfg.iters else iter(())
         for it in range(start_iter, cfg.iters):
             t0 = time.perf_counter()
-            try:
-                batch = next(data).to(cfg.device, non_blocking=True)
-            except StopIteration:
-                raise RuntimeError(f"data iterator ended at iteration {it}, before {cfg.iters}") from None
+            batch = _next_batch(data, it, cfg)
             t_data = time.perf_counter() - t0
 
-            with torch.autocast(cfg.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = criterion(train_model(batch.images), batch, it)
-            terms, stop_now = _global_terms(losses, stop.requested, cfg.device)
-            _check_finite(terms, it)  # before backward: the weights stay those of the last good step
-            lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
-            _optimizer_step(sum(losses.values()), optimizer, scaler, cfg.clip_grad)
-            scheduler.step()
+            terms, stop_now, lr = _train_step(train_model, criterion, batch, it, optimizer, scheduler, scaler, cfg,
+                                              stop)
 
             done = it + 1
             stopped = stop_now and done < cfg.iters  # a stop on the last iteration is just the end
@@ -315,11 +345,6 @@ def train(train_model, criterion, model: nn.Module, optimizer: torch.optim.Optim
                 break
 
     signal_name = (stop.signal_name or "SIGTERM") if stopped else None  # a rank told by another: SIGTERM
-    if stopped:
-        if main:
-            print(f"stop requested ({signal_name}): saved {Path(cfg.output_dir) / CHECKPOINT} at iteration {done}",
-                  file=sys.stderr)
-    else:
-        checkpoint.save_final(model, done, cfg)
+    _end_run(model, cfg, done, signal_name, main)
     return {"iterations": done, "start_iteration": start_iter, "final_loss": final_loss, "stopped": stopped,
             "signal": signal_name, "time_s": time.perf_counter() - t_start}
