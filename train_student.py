@@ -23,6 +23,7 @@ from msad.decode import Detector
 from msad.diagnostics import StudentProbe, probe_iterations
 from msad.distill import DISTANCES, NORMALIZE, DistillationLoss, FeatureDistillation, TrainableStudent, build_adapters
 from msad.engine import LOG
+from msad.output_kd import OutputDistillation
 from msad.models import build_model, frozen_teacher, init_backbone, load_partial
 
 SHAPE_KEYS = ("backbone", "width", "fpn_channels", "head_convs")  # what --init teacher needs to be the teacher's
@@ -38,6 +39,12 @@ def parse_args(argv=None):
     g.add_argument("--kd-loss", choices=sorted(DISTANCES), default="l1", help="feature distance")
     g.add_argument("--kd-norm", choices=NORMALIZE, default="none",
                    help="none (released): mean |S-F| per level; level: divided by mean |F| of that level")
+    g.add_argument("--kd-outputs", type=float,
+                   help="output distillation weight (the fused teacher's predictions as dense targets of the "
+                        "student's, msad/output_kd.py; not in the released code); 0 turns it off. Adds to --kd-weight's term")
+    g.add_argument("--kd-gamma", type=float, help="focal exponent of the output classification term, |p_T - p_S|^gamma")
+    g.add_argument("--kd-output-terms", type=lambda t: tuple(t.split(",")), default=("cls", "box"),
+                   help="which output terms: a comma-separated subset of cls,box,ctr")
     g.add_argument("--init", choices=("teacher", "imagenet", "scratch"), default="teacher",
                    help="student initialisation: teacher backbone+FPN+head (released code), ImageNet, or random")
     return show_preset_values(p, "student").parse_args(argv)
@@ -56,8 +63,9 @@ def main(argv=None):
     args = parse_args(argv)
     teacher_ckpt = None  # the teacher is needed to start from it (--init teacher) and to distil from it
     args.kd_weight = preset_value(args, "kd_weight", "student")
+    args.kd_outputs = preset_value(args, "kd_outputs", "student")
     check_ranges(args)  # --kd-weight nan / inf / -1 before the teacher is looked for
-    if args.init == "teacher" or args.kd_weight > 0:
+    if args.init == "teacher" or args.kd_weight > 0 or args.kd_outputs > 0:
         teacher_ckpt = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")
         inherit_architecture(args, teacher_ckpt["args"])  # the student's architecture defaults to the teacher's
         check_init(args, teacher_ckpt["args"])
@@ -80,8 +88,9 @@ def main(argv=None):
 
     # what trains: the student and, for a thinner student, the 1x1 adapters (saved in checkpoint.pth under
     # "aux", not in the student); DDP around both
-    distil = args.kd_weight > 0
-    adapters = build_adapters(args.fpn_channels, teacher_ckpt["args"]["fpn_channels"]) if distil else None
+    distil = args.kd_weight > 0 or args.kd_outputs > 0
+    features = args.kd_weight > 0  # output distillation compares predictions: it needs no adapters
+    adapters = build_adapters(args.fpn_channels, teacher_ckpt["args"]["fpn_channels"]) if features else None
     adapters = adapters.to(info.device) if adapters is not None else None
     trainable = TrainableStudent(student, adapters)
     model_ddp = runner.ddp(trainable, info)
@@ -89,8 +98,10 @@ def main(argv=None):
     # the loss L_FCOS + L_KD: it holds the frozen teacher (eval mode, outside DDP and the checkpoint) and runs it
     teacher = frozen_teacher(teacher_ckpt, info.device) if distil else None
     probe = StudentProbe(probe_iterations(args.iters), os.path.join(args.output_dir, LOG))
-    kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss, args.kd_norm)
-    criterion = DistillationLoss(teacher, kd, probe)
+    kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss, args.kd_norm) if features else None
+    kd_out = (OutputDistillation(args.kd_outputs, args.kd_gamma, args.kd_output_terms, args.kd_warmup)
+              if args.kd_outputs > 0 else None)
+    criterion = DistillationLoss(teacher, kd, kd_out, probe)
 
     # optimizer and lr schedule: the student's and the adapters' parameters
     optimizer, scheduler = runner.optimizer_and_schedule(trainable, args)
@@ -103,7 +114,8 @@ def main(argv=None):
     # evaluation of the final student at low resolution and the metrics line
     metrics = runner.final_evaluation(args, info, Detector(student, "lr"), result)
     diagnostics = {"diagnostics": probe.summary()} if probe.records else {}
-    return runner.finish(args, info, result, metrics | {"kind": "student", "kd_weight": args.kd_weight, **diagnostics})
+    summary = {"kind": "student", "kd_weight": args.kd_weight, "kd_outputs": args.kd_outputs, **diagnostics}
+    return runner.finish(args, info, result, metrics | summary)
 
 
 if __name__ == "__main__":

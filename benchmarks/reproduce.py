@@ -15,6 +15,11 @@ the last --hr-sizes entry; LR: half of it). Rows (json keys):
   fcos_lr_2x     the naive LR detector given the teacher's and the student's budgets together (equal compute)
   light_student, light_student_nokd   a narrow student (--fpn-channels F --head-convs H, from scratch,
                  --clip-grad 5) with and without distillation
+Output distillation (msad/output_kd.py, --out-flags), only when named in --rows (benchmarks/output_kd.py):
+  student_outputs        teacher init, output distillation alone (--kd-weight 0)
+  student_both           teacher init, feature + output distillation
+  scratch_outputs        from scratch, output distillation alone
+  light_student_outputs  the light student, feature (through its adapters) + output distillation
 
 The teacher's budget is a parameter (--teacher-iters, a list: the first is the main table, every other one
 repeats the teacher, its two outputs, kd_scratch, student and student_nokd). Rows that do not depend on it
@@ -42,6 +47,7 @@ from reproduce_table import KEEP, LABELS, Table, markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_BUDGET_ROWS = ("teacher", "teacher_lr", "teacher_fused", "kd_scratch", "student", "student_nokd")
+OUTPUT_KD_ROWS = ("student_outputs", "student_both", "scratch_outputs", "light_student_outputs")  # only on request
 
 
 def add_run_args(p: argparse.ArgumentParser, runs: str, out: str) -> None:
@@ -73,6 +79,7 @@ def plan(args, seed: int) -> list:
     # No norm layer sits between a thin FPN and its predictions: from scratch at lr 0.02 it needs clipping.
     light = ["--fpn-channels", args.light_fpn_channels, "--head-convs", args.light_head_convs, "--init", "scratch",
              "--clip-grad", 5]
+    outputs = args.out_flags.split()
     jobs = [
         (None, "fcos_hr", None, [fcos("fcos_hr", args.iters, "--train-sizes", fmt(hr), "--test-size", hr_test)]),
         (None, "fcos_lr", None, [fcos("fcos_lr", args.iters, "--train-sizes", fmt(lr), "--test-size", lr_test,
@@ -98,7 +105,14 @@ def plan(args, seed: int) -> list:
             (t, "fcos_lr_2x", None, [fcos(f"fcos_lr_2x_t{t}", t + args.iters, "--train-sizes", fmt(lr),
                                           "--test-size", lr_test, "--max-size", args.max_size // 2)]),
             (t, "light_student", "teacher", [student(f"light_student_t{t}", *light, *teacher)]),
+            (t, "student_outputs", "teacher", [student(f"student_outputs_t{t}", *teacher, "--kd-weight", 0, *outputs)]),
+            (t, "student_both", "teacher", [student(f"student_both_t{t}", *teacher, *outputs)]),
+            (t, "scratch_outputs", "teacher", [student(f"scratch_outputs_t{t}", "--init", "scratch", *teacher,
+                                                       "--kd-weight", 0, *outputs)]),
+            (t, "light_student_outputs", "teacher", [student(f"light_student_outputs_t{t}", *light, *teacher,
+                                                             *outputs)]),
         ]
+    jobs = [j for j in jobs if j[1] not in OUTPUT_KD_ROWS or (args.rows and j[1] in args.rows)]
     jobs = [j for j in jobs if j[0] in (None, args.teacher_iters[0]) or j[1] in SHORT_BUDGET_ROWS]
     jobs = [j for j in jobs if not args.rows or j[1] in args.rows or (j[1] == "teacher" and any(
         dep == "teacher" and row in args.rows for _, row, dep, _ in jobs))]
@@ -176,6 +190,8 @@ def main(argv=None):
                    help="FPN width F of the light student rows (28: the widest one-conv student whose evaluation "
                         "GFLOPs on the demo, 0.236, stay below the naive LR detector's, 0.247)")
     p.add_argument("--light-head-convs", type=int, default=1, help="convs per head tower of the light student rows")
+    p.add_argument("--out-flags", default="--kd-outputs 3",
+                   help="train_student.py flags of the output-distillation rows (chosen on the tuning split)")
     p.add_argument("--rows", help="only these rows (comma-separated json keys); default all")
     p.add_argument("--workers", type=int, help="data loader workers (default: the preset's)")
     p.add_argument("--resume-table", action="store_true", help="keep the rows already in --out.json, run the rest")

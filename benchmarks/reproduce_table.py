@@ -20,13 +20,21 @@ LABELS = {
     "fcos_lr_2x": "naive LR FCOS, teacher + student budgets",
     "light_student": "light student (FPN {F}, {H} head conv(s)), scratch + distillation",
     "light_student_nokd": "same, --kd-weight 0",
+    "student_outputs": "teacher init + output distillation alone",
+    "student_both": "teacher init + feature and output distillation",
+    "scratch_outputs": "student arch., scratch + output distillation alone",
+    "light_student_outputs": "light student, scratch + feature and output distillation",
 }
 GAINS = {"distillation, from scratch": ("kd_scratch", "shift_scratch"),
          "distillation, teacher init": ("student", "student_nokd"),
          "pyramid shift": ("shift_scratch", "fcos_lr"),
          "student vs equal-compute naive LR": ("student", "fcos_lr_2x"),
          "distillation, light student": ("light_student", "light_student_nokd"),
-         "light student vs naive LR": ("light_student", "fcos_lr")}
+         "light student vs naive LR": ("light_student", "fcos_lr"),
+         "output distillation, teacher init": ("student_outputs", "student_nokd"),
+         "feature + output distillation, teacher init": ("student_both", "student_nokd"),
+         "output distillation, from scratch": ("scratch_outputs", "shift_scratch"),
+         "output distillation added, light student": ("light_student_outputs", "light_student")}
 
 
 class Table:

@@ -36,6 +36,15 @@ KD = {
     "l2w2": ["--kd-weight", 2, "--kd-warmup", 100, "--kd-loss", "l2"],
     "w0.2": ["--kd-weight", 0.2, "--kd-warmup", 100],
     "l2w0.2": ["--kd-weight", 0.2, "--kd-warmup", 100, "--kd-loss", "l2"],
+    # output distillation (msad/output_kd.py) alone: "o" weight, "g" focal gamma, "c" with the centre-ness term
+    "o1": ["--kd-weight", 0, "--kd-outputs", 1, "--kd-warmup", 100],
+    "o3": ["--kd-weight", 0, "--kd-outputs", 3, "--kd-warmup", 100],
+    "o10": ["--kd-weight", 0, "--kd-outputs", 10, "--kd-warmup", 100],
+    "o3g2": ["--kd-weight", 0, "--kd-outputs", 3, "--kd-gamma", 2, "--kd-warmup", 100],
+    "o10g2": ["--kd-weight", 0, "--kd-outputs", 10, "--kd-gamma", 2, "--kd-warmup", 100],
+    "o3c": ["--kd-weight", 0, "--kd-outputs", 3, "--kd-output-terms", "cls,box,ctr", "--kd-warmup", 100],
+    # feature (the demo's w2) + output distillation
+    "w2o3": ["--kd-weight", 2, "--kd-outputs", 3, "--kd-warmup", 100],
 }
 
 
@@ -59,7 +68,7 @@ class Sweep:
         self.deadline = time.time() + args.deadline_s
 
     def run(self, name, cmd, log):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if self.args.parallel > 1 else {})}  # one run: every core
         with open(log, "w") as f:
             proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.PIPE, stderr=f,
                                   text=True, env=env)

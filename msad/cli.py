@@ -34,7 +34,7 @@ PRESETS = {
         "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
         # Students (and the 1x FCOS baselines): batch 16, lr 0.01, 90k iterations, steps at 60k and 80k.
         "student": dict(batch_size=16, lr=0.01, iters=90000, steps=(60000, 80000), kd_weight=KD_WEIGHT,
-                        kd_warmup=KD_WARMUP),
+                        kd_warmup=KD_WARMUP, kd_outputs=0.0, kd_gamma=0.0),
     },
     # The built-in demo: a narrow ResNet-18 with GroupNorm trained from scratch on data/synthetic, on CPU.
     "demo": {
@@ -46,7 +46,8 @@ PRESETS = {
         # and the two quick-start commands must stay within 8 minutes on 2 CPU cores
         "teacher": dict(batch_size=8, lr=0.02, iters=800, steps=(600, 740)),
         # Distillation weight 2 and warm-up 100: chosen on a tuning split (see README, Deviations).
-        "student": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370), kd_weight=2.0, kd_warmup=100),
+        "student": dict(batch_size=8, lr=0.02, iters=400, steps=(300, 370), kd_weight=2.0, kd_warmup=100,
+                        kd_outputs=0.0, kd_gamma=0.0),
     },
 }
 _PRESET_STAGE = {"teacher": "teacher", "student": "student", "fcos": "student"}
@@ -167,6 +168,7 @@ _MINIMUM = {"iters": (1, "training iterations"), "batch_size": (1, "images"), "e
             "workers": (0, "worker processes"), "max_images": (1, "images"), "fpn_channels": (1, "channels"),
             "head_convs": (0, "convolutions per tower"), "checkpoint_period": (1, "iterations"), "log_period": (1, "iterations"),
             "warmup_iters": (0, "iterations"), "kd_warmup": (0, "iterations"), "kd_weight": (0, "0 trains without KD"),
+            "kd_outputs": (0, "0 turns output distillation off"), "kd_gamma": (0, "0: plain KL"),
             "fused_weight": (0, "0 drops the fused branch's loss"), "cff_hidden": (0, "0 means FPN width / 8"),
             "weight_decay": (0, "0 for none"), "vis_count": (0, "images")}
 _POSITIVE = ("lr", "width", "clip_grad")  # finite and > 0

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
 from .fcos_loss import fcos_losses, fcos_targets
+from .models import BranchOutputs
 
 DISTANCES = {
     "l1": lambda s, t: F.l1_loss(s, t),  # the paper's and the released code's choice
@@ -124,27 +126,40 @@ class DistillationLoss:
 
     outputs: StudentOutputs of the batch; batch: the ImageBatch (HR images, targets in HR pixels). L_FCOS is
     scored on the HR-frame targets, which the pyramid shift makes the student's (Sec. 3.1). With a teacher, the
-    frozen teacher runs here, under no_grad, on the same HR batch; its fused pyramid (its HR pyramid without
-    C-FF) is the target of `features` (FeatureDistillation: "loss_kd_p2".."loss_kd_p6"). Without a teacher, or
-    with weight 0, L_S = L_FCOS. `probe` (diagnostics.StudentProbe) sees every step's terms and pyramids.
+    frozen teacher runs here (`teacher_fused`), under no_grad, on the same HR batch, and L_KD is formed from its
+    fused branch (its HR branch without C-FF):
+    - `features` (FeatureDistillation, the released code's L_KD): its pyramid is the target of the student's
+      (adapted) pyramid, "loss_kd_p2".."loss_kd_p6";
+    - `outputs` (output_kd.OutputDistillation, our extension): its head's predictions on that pyramid are the
+      targets of the student's, location by location, "loss_kd_cls" / "loss_kd_box" / "loss_kd_ctr".
+    Without a teacher, L_S = L_FCOS. `probe` (diagnostics.StudentProbe) sees every step's terms and pyramids.
     """
 
-    def __init__(self, teacher: nn.Module | None = None, features: FeatureDistillation | None = None, probe=None):
-        self.teacher, self.features, self.probe = teacher, features, probe
+    def __init__(self, teacher: nn.Module | None = None, features: FeatureDistillation | None = None,
+                 outputs=None, probe=None):
+        self.teacher, self.features, self.outputs, self.probe = teacher, features, outputs, probe
         self.branch = None if teacher is None else "fused" if "fused" in teacher.branches else "hr"
 
     @torch.no_grad()
-    def teacher_pyramid(self, images: torch.Tensor) -> list:
-        """The frozen teacher's fused pyramid (HR without C-FF) on the HR batch: the features the student imitates."""
-        return self.teacher.pyramids(images, (self.branch,))[self.branch]
+    def teacher_fused(self, images: torch.Tensor):
+        """The frozen teacher on the HR batch: its fused branch as models.BranchOutputs (features; head, None
+        unless output distillation needs the predictions: the head then runs on the fused pyramid)."""
+        if self.outputs is None:
+            return BranchOutputs(self.teacher.pyramids(images, (self.branch,))[self.branch], None, None)
+        return self.teacher(images, (self.branch,))[self.branch]
 
     def __call__(self, outputs: StudentOutputs, batch, iteration: int) -> dict:
         out = outputs.lr
-        losses = fcos_losses(out.head, fcos_targets(out.geometry, batch.targets))
+        targets = fcos_targets(out.geometry, batch.targets)
+        losses = fcos_losses(out.head, targets)
         if self.teacher is None:
             return losses
-        target = self.teacher_pyramid(batch.images)
-        losses |= self.features(outputs.adapted, target, iteration)
-        if self.probe is not None:
-            self.probe(iteration, losses, out.features, outputs.adapted, target)
+        teacher = self.teacher_fused(batch.images)
+        if self.features is not None:
+            losses |= self.features(outputs.adapted, teacher.features, iteration)
+        if self.outputs is not None:
+            num_pos = dist.all_reduce_mean(targets.pos.sum().float()).clamp(min=1.0)
+            losses |= self.outputs(out.head, teacher.head, num_pos, iteration)
+        if self.probe is not None and self.features is not None:  # the probe compares the pyramids
+            self.probe(iteration, losses, out.features, outputs.adapted, teacher.features)
         return losses

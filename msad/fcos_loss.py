@@ -147,18 +147,24 @@ def focal_loss_sum(logits, pos_logits, alpha=0.25, gamma=2.0, pos_mask=None):
     return (1 - alpha) * neg(logits).sum() + swap.sum()
 
 
-def giou_loss_ltrb(pred, target, weight):
-    """Weighted sum of 1 - GIoU for boxes given as distances (l, t, r, b) from a shared point.
-
-    Uses AdelaiDet's IOULoss smoothing: IoU = (inter + 1) / (union + 1).
-    """
+def giou_terms(pred, target):
+    """Intersection, union and enclosing-box areas of boxes given as distances (l, t, r, b) from a shared point."""
     pl, pt, pr, pb = pred.unbind(-1)
     tl, tt, tr, tb = target.unbind(-1)
     pred_area = (pl + pr) * (pt + pb)
     target_area = (tl + tr) * (tt + tb)
     inter = (torch.minimum(pl, tl) + torch.minimum(pr, tr)) * (torch.minimum(pt, tt) + torch.minimum(pb, tb))
-    enclose = (torch.maximum(pl, tl) + torch.maximum(pr, tr)) * (torch.maximum(pt, tt) + torch.maximum(pb, tb)) + 1e-7
-    union = pred_area + target_area - inter
+    enclose = (torch.maximum(pl, tl) + torch.maximum(pr, tr)) * (torch.maximum(pt, tt) + torch.maximum(pb, tb))
+    return inter, pred_area + target_area - inter, enclose
+
+
+def giou_loss_ltrb(pred, target, weight):
+    """Weighted sum of 1 - GIoU for boxes given as distances (l, t, r, b) from a shared point.
+
+    Uses AdelaiDet's IOULoss smoothing: IoU = (inter + 1) / (union + 1).
+    """
+    inter, union, enclose = giou_terms(pred, target)
+    enclose = enclose + 1e-7
     iou = (inter + 1.0) / (union + 1.0)
     giou = iou - (enclose - union) / enclose
     return ((1 - giou) * weight).sum()

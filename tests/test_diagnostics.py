@@ -57,7 +57,7 @@ def test_probe_logs_feature_gap_and_gradient_ratio_without_touching_parameter_gr
     teacher = build_model("teacher", tiny_cfg).eval()
     probe = StudentProbe({3}, tmp_path / "log.jsonl")
     criterion = DistillationLoss(teacher, FeatureDistillation(2.0, 0), probe=probe)
-    teacher_feats = criterion.teacher_pyramid(batch.images)
+    teacher_feats = criterion.teacher_fused(batch.images).features
     assert [f.shape for f in teacher_feats] == shapes
     trainable = TrainableStudent(student)
     criterion(trainable(batch.images), batch, 2)  # not a probed iteration

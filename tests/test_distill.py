@@ -72,7 +72,7 @@ def test_distillation_loss_adds_kd_terms_whose_gradient_reaches_only_the_student
     trainable = TrainableStudent(build_model("student", tiny_cfg).train())
     criterion = DistillationLoss(teacher, FeatureDistillation())
     batch = make_batch([[[10, 12, 70, 90]], [[30, 20, 100, 60]]], sizes=(128, 128))
-    teacher_feats = criterion.teacher_pyramid(batch.images)
+    teacher_feats = criterion.teacher_fused(batch.images).features
     assert not any(f.requires_grad for f in teacher_feats)  # computed under no_grad
     losses = criterion(trainable(batch.images), batch, 500)
     assert {"loss_cls", "loss_box", "loss_ctr"} < set(losses)

@@ -174,7 +174,7 @@ def test_teacher_without_fusion_has_no_fusion_parameters_or_fused_loss(tiny_cfg,
     teacher.eval()
     hr = teacher.pyramids(batch.images, ("hr",))["hr"]
     kd = DistillationLoss(teacher)
-    assert all(torch.equal(t, h) for t, h in zip(kd.teacher_pyramid(batch.images), hr))  # imitate HR instead
+    assert all(torch.equal(t, h) for t, h in zip(kd.teacher_fused(batch.images).features, hr))  # imitate HR instead
 
 
 # ------------------------------------------------------------------------------------------------------
