@@ -16,7 +16,7 @@ import sys
 
 from msad import dist, outdir, runner, vis
 from msad.align import HR_PAD
-from msad.cli import add_data_args, check_device, check_ranges, make_output_dir, print_metrics_line, resolve, run_script, show_preset_values
+from msad.cli import add_data_args, make_output_dir, parse, print_metrics_line, resolve, run_script, show_preset_values
 from msad.data import CocoDetection, ImageFolder, check_images_exist
 from msad.samplers import build_eval_loader
 from msad.diagnostics import CFFWeights
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     g.add_argument("--vis", help="write pictures of the detections (and of the ground truth, if any) into this folder")
     g.add_argument("--vis-count", type=int, help="how many images --vis draws (default 8; all with --images)")
     g.add_argument("--vis-thresh", type=float, default=0.3, help="--vis draws detections scoring at least this")
-    return show_preset_values(p, None).parse_args(argv)
+    return parse(show_preset_values(p, None), argv)
 
 
 def evaluate_file(args) -> dict:
@@ -109,9 +109,7 @@ def vis_thresh(args) -> float:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    check_ranges(args)  # bad flags first: nothing is created for a command that cannot run
-    check_device(args)
+    args = parse_args(argv)  # bad flags first (cli.parse): nothing is created for a command that cannot run
     for flag in ("output_dir", "vis"):  # fail now, not after the inference
         make_output_dir(getattr(args, flag), f"--{flag.replace('_', '-')}")
     if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes the outputs: one run at a time per folder
@@ -127,12 +125,12 @@ def main(argv=None):
     else:
         ckpt = load_checkpoint(args.checkpoint, made_by="python train_student.py" if args.checkpoint ==
                                DEFAULT_CHECKPOINT else "train_teacher.py or train_student.py")
-    for key in DATA_KEYS:  # evaluate on the data the model was trained for unless told otherwise
-        if getattr(args, key) is None and ckpt["args"].get(key) is not None:
-            setattr(args, key, ckpt["args"][key])
-    args.preset = args.preset or "demo"
-    args = resolve(args, None)  # the preset's data and evaluation settings; no training stage
-    info = runner.start(args, training=False, needs_data=not args.images)
+    # the configuration: the preset's data and evaluation settings, then the data the model was trained for, then
+    # the flags
+    args = resolve(args, None, ckpt["args"], inherit=DATA_KEYS)
+    info = dist.init_distributed(args.device)
+    if not args.images:  # --images reads no dataset
+        runner.check_data_root(args, info, training=False)
     dataset = None if args.images else val_data(args, info, ckpt)
     pad = HR_PAD if exported else canvas_multiple(ckpt)  # a program takes canvases of multiples of 128
     model = program.to_device(info.device, args.branch) if exported else \

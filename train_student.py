@@ -18,7 +18,8 @@ import os
 
 from msad import engine, runner
 from msad.checkpoint import load_checkpoint
-from msad.cli import check_ranges, inherit_architecture, model_config, preset_value, resolve, run_script, show_preset_values, training_parser
+from msad.cli import (model_config, parse, preset_value, resolve, run_script, show_preset_values, training_parser,
+                      with_categories)
 from msad.decode import Detector
 from msad.diagnostics import StudentProbe, probe_iterations
 from msad.distill import DISTANCES, NORMALIZE, DistillationLoss, FeatureDistillation, TrainableStudent, build_adapters
@@ -47,7 +48,16 @@ def parse_args(argv=None):
                    help="which output terms: a comma-separated subset of cls,box,ctr")
     g.add_argument("--init", choices=("teacher", "imagenet", "scratch"), default="teacher",
                    help="student initialisation: teacher backbone+FPN+head (released code), ImageNet, or random")
-    return show_preset_values(p, "student").parse_args(argv)
+    return parse(show_preset_values(p, "student"), argv)
+
+
+def load_teacher(flags) -> dict | None:
+    """The teacher checkpoint, read once: needed to distil from it, and to start from it (--init teacher) unless
+    this is a --resume of a started run. None when neither."""
+    distil = preset_value(flags, "kd_weight", "student") > 0 or preset_value(flags, "kd_outputs", "student") > 0
+    if not (distil or flags.init == "teacher" and runner.resumed_args(flags) is None):
+        return None
+    return load_checkpoint(flags.teacher, expected_kind="teacher", made_by="python train_teacher.py")
 
 
 def check_init(args, teacher_args: dict) -> None:
@@ -60,27 +70,29 @@ def check_init(args, teacher_args: dict) -> None:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    teacher_ckpt = None  # the teacher is needed to start from it (--init teacher) and to distil from it
-    args.kd_weight = preset_value(args, "kd_weight", "student")
-    args.kd_outputs = preset_value(args, "kd_outputs", "student")
-    check_ranges(args)  # --kd-weight nan / inf / -1 before the teacher is looked for
-    if args.init == "teacher" or args.kd_weight > 0 or args.kd_outputs > 0:
-        teacher_ckpt = load_checkpoint(args.teacher, expected_kind="teacher", made_by="python train_teacher.py")
-        inherit_architecture(args, teacher_ckpt["args"])  # the student's architecture defaults to the teacher's
+    # the configuration: preset, then the teacher's architecture (the student's default), then the flags
+    flags = parse_args(argv)
+    teacher_ckpt = load_teacher(flags)
+    args = resolve(flags, "student", teacher_ckpt["args"] if teacher_ckpt else runner.resumed_args(flags))
+    if teacher_ckpt is not None:
         check_init(args, teacher_ckpt["args"])
-    args = resolve(args, "student")
-    info = runner.start(args)  # output folder, process group, seeds, data checks: everything that can fail early
 
-    # data
+    # the output folder (refusal to replace a run, lock), the processes, the data root: before any work
+    runner.claim_output_dir(args)
+    info = runner.init_processes(args)
+    runner.check_data_root(args, info)
+
+    # data: the training set; the val set of the final evaluation checked now against its categories
     train_set = runner.train_dataset(args)
+    args = with_categories(args, train_set)
+    runner.checked_val_set(args, (train_set.cat_ids, train_set.class_names))
 
     # model: the LR student (FCOS on P2-P6 of the half-size image), initialised from the teacher or ImageNet
     student = build_model("student", model_config(args))
     if teacher_ckpt is not None and teacher_ckpt["args"]["num_classes"] != train_set.num_classes:
         raise SystemExit(f"error: {args.teacher} was trained on {teacher_ckpt['args']['num_classes']} classes, "
                          f"the training data has {train_set.num_classes}")
-    if args.init == "teacher":
+    if args.init == "teacher" and teacher_ckpt is not None:  # (a resumed run's weights come from its checkpoint)
         load_partial(student, teacher_ckpt["model"], args.teacher)
     elif args.init == "imagenet":
         init_backbone(student, args.backbone_weights)

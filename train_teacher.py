@@ -17,7 +17,7 @@ Baselines (the paper's Table 1), vanilla FCOS on P3..P7:
 """
 from msad import engine, runner
 from msad.checkpoint import load_checkpoint
-from msad.cli import inherit_architecture, model_config, resolve, run_script, show_preset_values, training_parser
+from msad.cli import model_config, parse, resolve, run_script, show_preset_values, training_parser, with_categories
 from msad.decode import Detector
 from msad.fcos_loss import FCOSLoss
 from msad.models import build_model, default_branch, init_backbone, load_partial
@@ -27,6 +27,7 @@ NEW_IN_TEACHER = ("fpn.lateral.p2.", "fpn.output.p2.")  # P2 (the LR branch's fi
 
 
 def parse_args(argv=None):
+    """The flags as given, checked (cli.parse); the configuration is built from them in main (cli.resolve)."""
     p = training_parser(__doc__, default_output="runs/teacher")
     g = p.add_argument_group("MSAD teacher")
     g.add_argument("--mode", choices=("aligned", "single"), default="aligned",
@@ -38,20 +39,20 @@ def parse_args(argv=None):
     g.add_argument("--init-from", metavar="CKPT",
                    help="start from a trained HR detector (kind fcos: --mode single, or python -m msad.convert): "
                         "its backbone, FPN P3-P7 and head; P2 and C-FF start new. Its architecture is the default")
-    args = show_preset_values(p, "teacher").parse_args(argv)  # --mode single takes the students' schedule
-    if args.init_from:  # before resolve: the detector's architecture fills the unset flags, not the preset
-        inherit_architecture(args, load_init(args)["args"])
-    return resolve(args, "teacher" if args.mode == "aligned" else "fcos")
+    return parse(show_preset_values(p, "teacher"), argv)  # --mode single takes the students' schedule
 
 
-def load_init(args) -> dict:
-    return load_checkpoint(args.init_from, expected_kind="fcos",
+def load_init(flags) -> dict | None:
+    """The --init-from detector, read once (None without it, and for a --resume of a started run, whose
+    checkpoint.pth holds everything)."""
+    if not flags.init_from or runner.resumed_args(flags) is not None:
+        return None
+    return load_checkpoint(flags.init_from, expected_kind="fcos",
                            made_by="train_teacher.py --mode single or python -m msad.convert")
 
 
-def init_from_detector(model, args, train_set) -> None:
+def init_from_detector(model, args, init: dict, train_set) -> None:
     """--init-from: the detector's backbone, FPN and head (its classes must be the data's); says what it loaded."""
-    init = load_init(args)
     source = init["args"]
     if list(source.get("cat_ids") or range(source["num_classes"])) != list(train_set.cat_ids):
         raise ValueError(f"--init-from {args.init_from} detects {source['num_classes']} classes with other category "
@@ -64,18 +65,27 @@ def init_from_detector(model, args, train_set) -> None:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    args.fusion = not args.no_fusion
-    kind = "teacher" if args.mode == "aligned" else "fcos"
-    info = runner.start(args)  # output folder, process group, seeds, data checks: everything that can fail early
+    # the configuration: preset, then the --init-from detector's architecture (or the resumed run's), then the flags
+    flags = parse_args(argv)
+    kind = "teacher" if flags.mode == "aligned" else "fcos"
+    init = load_init(flags)
+    source = runner.resumed_args(flags) or (init["args"] if init else None)
+    args = resolve(flags, "teacher" if kind == "teacher" else "fcos", source)
 
-    # data
+    # the output folder (refusal to replace a run, lock), the processes, the data root: before any work
+    runner.claim_output_dir(args)
+    info = runner.init_processes(args)
+    runner.check_data_root(args, info)
+
+    # data: the training set; the val set of the final evaluation checked now against its categories
     train_set = runner.train_dataset(args)
+    args = with_categories(args, train_set)
+    runner.checked_val_set(args, (train_set.cat_ids, train_set.class_names))
 
     # model: the teacher (HR P3-P7 + LR P2-P6 + C-FF) or vanilla FCOS; DDP around it
     model = build_model(kind, model_config(args))
-    if args.init_from:
-        init_from_detector(model, args, train_set)
+    if init is not None:
+        init_from_detector(model, args, init, train_set)
     else:
         init_backbone(model, args.backbone_weights)
     model = runner.prepare_model(model, args, info)

@@ -258,7 +258,7 @@ def resume(model, optimizer, scheduler, scaler, cfg, aux) -> int:
         return 0
     if not path.is_file():
         if main:
-            print(f"resume: no checkpoint at {path}, starting from scratch")
+            print(f"resume: no checkpoint at {path} yet: a new run starts at iteration 0, from its initial weights")
         return 0
     ckpt = load_checkpoint(path, expected_kind=cfg.kind)
     differ = _differing_args(ckpt["args"], cfg.args)

@@ -16,6 +16,7 @@ import torch
 
 from .align import LR_MODES
 from .checkpoint import WriteError
+from .dist import check_batch_size
 from .engine import AMP_DTYPES
 from .distill import KD_WARMUP, KD_WEIGHT
 from .models import ModelConfig
@@ -144,15 +145,10 @@ def preset_value(args: argparse.Namespace, key: str, stage: str):
     return PRESETS[args.preset][_PRESET_STAGE[stage]][key] if value is None else value
 
 
-def resolve(args: argparse.Namespace, stage: str | None) -> argparse.Namespace:
-    """Fill every unset flag from the preset (its common part, plus the training `stage`'s: teacher, student or
-    fcos; None for evaluation), then check the values that must hold before any work starts."""
-    preset = PRESETS[args.preset]
-    for key, value in {**preset["common"], **(preset[_PRESET_STAGE[stage]] if stage else {})}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if getattr(args, "backbone_weights", None) in ("none", ""):
-        args.backbone_weights = None
+def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The flags as given, checked once, before anything is read or created: sizes, ranges (`check_ranges`) and the
+    device (`check_device`). Values from presets and checkpoints are not checked again: they were, when written."""
+    args = p.parse_args(argv)
     for name in ("train_sizes", "test_size", "max_size"):
         sizes = getattr(args, name, None)
         sizes = sizes if isinstance(sizes, tuple) else (sizes,) if sizes is not None else ()
@@ -161,6 +157,46 @@ def resolve(args: argparse.Namespace, stage: str | None) -> argparse.Namespace:
     check_ranges(args)
     check_device(args)
     return args
+
+
+# The architecture a model started from a checkpoint takes from it, unless given on the command line ...
+ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "low_res_mode")
+# ... and the options of converted public weights (msad/convert.py), which have no flags: always taken.
+CONVERTED_KEYS = ("stride_in_1x1", "center_offset")
+
+
+def resolve(args: argparse.Namespace, stage: str | None, source: dict | None = None,
+            inherit=ARCH_KEYS) -> argparse.Namespace:
+    """The run's whole configuration, built here once; `args` (the parsed flags) is left as it is.
+
+    Each setting is the flag where given, else the `source` checkpoint's args for the keys `inherit` (a student's
+    architecture from its teacher, a teacher's from its --init-from detector, evaluate.py's data from the model),
+    else the preset's (its common part plus the training `stage`'s: teacher, student or fcos; None for
+    evaluation). Converted weights' conventions (CONVERTED_KEYS) always come from the source. Derived: `fusion`
+    (not --no-fusion) and, for training, `batch_per_process` (--batch-size over WORLD_SIZE processes).
+    """
+    config, source = argparse.Namespace(**vars(args)), source or {}
+    for key in (*inherit, *CONVERTED_KEYS):
+        if (getattr(config, key, None) is None or key in CONVERTED_KEYS) and source.get(key) is not None:
+            setattr(config, key, source[key])
+    config.preset = config.preset or "demo"
+    preset = PRESETS[config.preset]
+    for key, value in {**preset["common"], **(preset[_PRESET_STAGE[stage]] if stage else {})}.items():
+        if getattr(config, key, None) is None:
+            setattr(config, key, value)
+    if getattr(config, "backbone_weights", None) in ("none", ""):
+        config.backbone_weights = None
+    if hasattr(config, "no_fusion"):
+        config.fusion = not config.no_fusion
+    if stage is not None:
+        config.batch_per_process = check_batch_size(config.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
+    return config
+
+
+def with_categories(config: argparse.Namespace, dataset) -> argparse.Namespace:
+    """The configuration with the training set's category ids, names and count (saved in every checkpoint)."""
+    return argparse.Namespace(**vars(config), cat_ids=dataset.cat_ids, class_names=dataset.class_names,
+                              num_classes=dataset.num_classes)
 
 
 # flag -> (smallest allowed value, what it is); a flag a script does not have, or left unset, is skipped.
@@ -215,23 +251,6 @@ def make_output_dir(path, flag: str) -> None:
         test_write(path)
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot write into this folder ({e.strerror or e})") from None
-
-
-# The architecture a model started from a checkpoint takes from it, unless given on the command line ...
-ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "low_res_mode")
-# ... and the options of converted public weights (msad/convert.py), which have no flags: always taken.
-CONVERTED_KEYS = ("stride_in_1x1", "center_offset")
-
-
-def inherit_architecture(args, source_args: dict) -> None:
-    """Fill the unset architecture flags from a checkpoint's args (a student from its teacher, a teacher from the
-    detector it starts from): its shapes, and the conventions of converted weights it was trained with."""
-    for key in ARCH_KEYS:
-        if getattr(args, key, None) is None and key in source_args:
-            setattr(args, key, source_args[key])
-    for key in CONVERTED_KEYS:
-        if key in source_args:
-            setattr(args, key, source_args[key])
 
 
 def model_config(args) -> ModelConfig:

@@ -9,8 +9,9 @@ Robustness contract of `train`:
     same global means, stop together on a non-finite loss (before the bad step touches the weights) and
     stop together on SIGTERM / SIGINT (checkpoint saved, return with the signal's name);
   * checkpoints are written atomically and never hold non-finite weights (msad/checkpoint.py);
-  * the output folder is claimed first (msad/outdir.py): a finished or unfinished run is not replaced
-    unless told to (resume / overwrite), the folder is test-written and locked against a second writer;
+  * it writes only into an output folder claimed first (msad/outdir.py, by the script before any work): a
+    finished or unfinished run is not replaced unless told to (resume / overwrite), the folder is
+    test-written and locked against a second writer;
 """
 import functools
 import json
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from . import checkpoint, dist
 from .checkpoint import CHECKPOINT
-from .outdir import FINAL, claim_output_dir
+from .outdir import FINAL, require_claimed
 
 KINDS = ("fcos", "teacher", "student")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -238,7 +239,7 @@ def _start_run(model, optimizer, scheduler, cfg: TrainConfig, aux: dict, main: b
     """Before the first step: the output folder (rank 0), the fp16 scaler, the resumed state, config.json and the
     log. Returns (scaler or None, the iteration to start from, the logger)."""
     if main:
-        claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
+        require_claimed(cfg.output_dir)  # claimed by the script before any work (runner.claim_output_dir)
         for name in RUN_FILES if cfg.overwrite else ():  # the replaced run: nothing of it may be mistaken for ours
             (Path(cfg.output_dir) / name).unlink(missing_ok=True)
     if cfg.device.type == "cpu":

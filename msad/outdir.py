@@ -37,7 +37,8 @@ def claim_output_dir(output_dir, resume: bool = False, overwrite: bool = False) 
     a second writer. The lock is a POSIX record lock (fcntl.lockf): it belongs to this process alone, so data
     loader workers forked later do not hold it, and it is released when this process exits, however it exits,
     even on SIGKILL (an flock would live on in the workers for seconds). A second call for the same folder
-    checks again and keeps its lock. engine.train removes an overwritten run's files just before its first step.
+    checks again and keeps its lock. engine.train, which requires the claim, removes an overwritten run's files
+    just before its first step.
     """
     check_output_dir(output_dir, resume, overwrite)
     lock_output_dir(output_dir)
@@ -49,6 +50,12 @@ def lock_output_dir(output_dir) -> None:
     out = Path(output_dir)
     if str(out.resolve()) not in _LOCKS:
         _LOCKS[str(out.resolve())] = _lock_and_test(out)
+
+
+def require_claimed(output_dir) -> None:
+    """engine.train writes only into a folder this process claimed first (claim_output_dir, before any work)."""
+    if str(Path(output_dir).resolve()) not in _LOCKS:
+        raise RuntimeError(f"{output_dir}: claim the output folder (outdir.claim_output_dir) before training into it")
 
 
 def test_write(folder) -> None:

@@ -1,7 +1,9 @@
-"""Set-up and wrap-up that both training scripts need: checks and process group, data sets and loaders,
-device placement and DDP, the loop's configuration, the final evaluation and the metrics line.
+"""The steps of the training scripts (and evaluate.py's set-up), each named for what it does: the output folder,
+the process group, the data root, the data sets, device placement and DDP, the optimizer, the loop's
+configuration, the final evaluation and the metrics line.
 
-The scripts themselves show their flow (data, model, optimizer, loop, evaluation); these are its steps.
+The scripts call them in order, so each reads top to bottom (configuration, output folder, processes, data,
+model, loss, optimizer, loop, evaluation).
 """
 import json
 import os
@@ -17,38 +19,51 @@ from .checkpoint import CHECKPOINT, load_checkpoint, write_json_atomic
 from .outdir import FINAL
 from .cli import PRESETS, data_paths, print_metrics_line, seed_everything
 from .cost import model_cost
-from .data import CocoDetection
+from .data import CocoDetection, check_images_exist
 from .samplers import build_eval_loader, build_train_loader
-from .evaluation import evaluate
+from .evaluation import check_categories, evaluate
 
 
-def start(args, training: bool = True, needs_data: bool = True) -> dist.DistInfo:
-    """Everything that can fail before the first iteration, in the first seconds.
+def claim_output_dir(args) -> None:
+    """The output folder, before the process group exists, so that every rank fails alike in the first second:
+    a --resume of a finished run exits 0 here (`exit_if_finished`); rank 0 refuses to replace a run, then
+    creates, test-writes and locks the folder (outdir.claim_output_dir); the other ranks only check."""
+    if args.resume and not args.overwrite:  # both: refused just below
+        exit_if_finished(args)
+    if int(os.environ.get("RANK", 0)) == 0:
+        outdir.claim_output_dir(args.output_dir, args.resume, args.overwrite)
+    else:  # read-only: the same refusal on every rank
+        outdir.check_output_dir(args.output_dir, args.resume, args.overwrite)
 
-    The per-process batch and the output folder (refusal to replace a run, test write, lock) are checked
-    before the process group exists, so every rank fails the same way. Then (training) seeds, the demo data (generated
-    once, by rank 0, and only at its default location) and, for training, the val set is parsed now rather
-    than after the training. `training` is False for evaluate.py; `needs_data` is False for
-    evaluate.py --images, which reads no dataset.
-    """
-    if training:
-        args.batch_per_process = dist.check_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
-        if args.resume and not args.overwrite:  # both: refused just below
-            exit_if_finished(args)
-        if int(os.environ.get("RANK", 0)) == 0:  # checks, then creates, test-writes and locks the folder
-            outdir.claim_output_dir(args.output_dir, args.resume, args.overwrite)
-        else:  # read-only: the same refusal on every rank
-            outdir.check_output_dir(args.output_dir, args.resume, args.overwrite)
+
+def init_processes(args) -> dist.DistInfo:
+    """The process group (one process without torchrun), the seeds of this rank, the configuration printed."""
     info = dist.init_distributed(args.device)
-    if training and info.is_main:  # the resolved configuration (engine.train keeps it in config.json at the start)
+    if info.is_main:  # engine.train keeps it in config.json at the start
         print("config: " + json.dumps(plain_args(args), sort_keys=True), flush=True)
-    if training:
-        seed_everything(args.seed, info.rank)
-    if needs_data:
-        check_data_root(args, info, training)
-    if training and not args.no_eval:
-        val_dataset(args)  # a bad val json fails now; parsed again (quickly) for the final evaluation
+    seed_everything(args.seed, info.rank)
     return info
+
+
+def resumed_args(args) -> dict | None:
+    """The configuration of the run that --resume continues (OUTPUT_DIR/config.json, beside its checkpoint.pth),
+    or None for a new run: a resumed run needs no --init-from or --init teacher file again."""
+    config = os.path.join(args.output_dir, "config.json")
+    if not (args.resume and os.path.isfile(os.path.join(args.output_dir, CHECKPOINT)) and os.path.isfile(config)):
+        return None
+    with open(config) as f:
+        return json.load(f)
+
+
+def checked_val_set(args, categories: tuple) -> CocoDetection | None:
+    """The val set of the final evaluation, checked now rather than after the training (None with --no-eval): its
+    json parses, its images exist, and its categories are among the training set's (`categories`: ids, names)."""
+    if args.no_eval:
+        return None
+    dataset = val_dataset(args)
+    check_images_exist(dataset)
+    check_categories(categories, dataset, f"the training set {data_paths(args, 'train')[0]}")
+    return dataset
 
 
 def exit_if_finished(args) -> None:
@@ -76,7 +91,7 @@ def exit_if_finished(args) -> None:
 DEMO_ROOT = os.path.normpath(PRESETS["demo"]["common"]["data_root"])  # the only folder ever generated
 
 
-def check_data_root(args, info: dist.DistInfo, training: bool) -> None:
+def check_data_root(args, info: dist.DistInfo, training: bool = True) -> None:
     """Generate the demo data at its default location (training only); any other missing root is an error.
 
     A mistyped COCO path, or a COCO root without --preset coco, must not silently become synthetic data.
@@ -104,11 +119,9 @@ def check_data_root(args, info: dist.DistInfo, training: bool) -> None:
 
 
 def train_dataset(args) -> CocoDetection:
-    """The training set; its category ids, names and count go into args, hence into every checkpoint."""
+    """The training set (its categories go into the configuration: cli.with_categories)."""
     ann, images = data_paths(args, "train")
-    dataset = CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size)
-    args.cat_ids, args.class_names, args.num_classes = dataset.cat_ids, dataset.class_names, dataset.num_classes
-    return dataset
+    return CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size)
 
 
 def val_dataset(args) -> CocoDetection:

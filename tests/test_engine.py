@@ -29,7 +29,7 @@ def run_toy(out, iters, hook=None, seed=0, **cfg_kw):
     """Train the toy model in this process; returns (result, model)."""
     model, optimizer, scheduler = toy_train.build(seed=seed)
     cfg = engine.TrainConfig(output_dir=str(out), iters=iters, kind="fcos", args={"iters": iters}, **cfg_kw)
-    result = engine.train(model, toy_train.make_criterion(hook), model, optimizer, scheduler,
+    result = toy_train.train(model, toy_train.make_criterion(hook), model, optimizer, scheduler,
                           toy_train.data_iter_fn(8), cfg)
     return result, model
 
@@ -126,7 +126,7 @@ def test_clipping_scales_the_true_gradient_to_the_clip_norm(tmp_path, amp):
     grads = torch.autograd.grad(sum(losses.values()), list(model.parameters()))
     norm = float(torch.sqrt(sum(g.square().sum() for g in grads)))
     cfg = engine.TrainConfig(output_dir=str(tmp_path), iters=1, kind="fcos", args={}, amp=amp, clip_grad=norm / 10)
-    engine.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
+    toy_train.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
     tol = dict(rtol=2e-2, atol=1e-6) if amp == "fp16" else dict(rtol=2e-3, atol=1e-7)  # p0 - p loses digits
     for p, p0, g in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p0 - p.detach(), 0.05 * g / 10, **tol)
@@ -185,7 +185,7 @@ def run_toy_with_aux(out, iters, seed=0, **cfg_kw):
     optimizer = engine.build_optimizer(nn.ModuleDict({"model": model, "aux": aux}), 0.05)
     scheduler = engine.build_scheduler(optimizer, warmup_iters=2, steps=(1000,))
     cfg = engine.TrainConfig(output_dir=str(out), iters=iters, kind="student", args={}, **cfg_kw)
-    result = engine.train(lambda x: aux(model(x)), toy_train.make_criterion(), model, optimizer, scheduler,
+    result = toy_train.train(lambda x: aux(model(x)), toy_train.make_criterion(), model, optimizer, scheduler,
                           toy_train.data_iter_fn(8), cfg, aux={"adapters": aux})
     return result, model, aux
 
@@ -207,14 +207,14 @@ def test_aux_modules_are_checkpointed_apart_restored_on_resume_and_left_out_of_t
     model, optimizer, scheduler = toy_train.build()
     cfg = engine.TrainConfig(output_dir=str(tmp_path / "noaux"), iters=4, kind="fcos", args={}, resume=True)
     with pytest.raises(ValueError, match="no 'adapters' state"):  # a checkpoint saved without them
-        engine.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg,
+        toy_train.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg,
                      aux={"adapters": nn.Linear(2, 2)})
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     result, _ = run_toy(tmp_path, iters=2, resume=True)
     assert result["start_iteration"] == 0 and result["iterations"] == 2
-    assert "starting from scratch" in capsys.readouterr().out
+    assert "a new run starts at iteration 0" in capsys.readouterr().out
 
 
 def test_resume_refuses_other_kind(tmp_path):
@@ -222,7 +222,7 @@ def test_resume_refuses_other_kind(tmp_path):
     model, optimizer, scheduler = toy_train.build()
     cfg = engine.TrainConfig(output_dir=str(tmp_path), iters=4, kind="student", args={}, resume=True)
     with pytest.raises(ValueError) as e:
-        engine.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
+        toy_train.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
     assert "checkpoint.pth" in str(e.value) and "'fcos'" in str(e.value) and "'student'" in str(e.value)
 
 
@@ -295,7 +295,7 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
     model, optimizer, scheduler = toy_train.build()
     cfg = engine.TrainConfig(output_dir=str(tmp_path), iters=10, kind="fcos", args={}, checkpoint_period=2)
     with pytest.raises(FloatingPointError) as e:
-        engine.train(model, toy_train.make_criterion(hook), model, optimizer, scheduler,
+        toy_train.train(model, toy_train.make_criterion(hook), model, optimizer, scheduler,
                      toy_train.data_iter_fn(8), cfg)
     msg = str(e.value)
     assert "iteration 4" in msg and "loss_mse=nan" in msg and "loss_l1=" in msg
@@ -459,7 +459,7 @@ def test_nan_lr_never_saves_non_finite_weights(tmp_path):
     model, optimizer, scheduler = toy_train.build(lr=float("nan"))
     cfg = engine.TrainConfig(output_dir=str(tmp_path), iters=1, kind="fcos", args={}, checkpoint_period=1)
     with pytest.raises(FloatingPointError, match="non-finite weights after iteration 1"):
-        engine.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
+        toy_train.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
     assert not (tmp_path / "checkpoint.pth").exists() and not (tmp_path / "model_final.pth").exists()
 
 
@@ -531,7 +531,7 @@ def test_resume_with_other_arguments_names_them(tmp_path, capsys):
         model, optimizer, scheduler = toy_train.build(width=width, lr=lr)
         cfg = engine.TrainConfig(output_dir=str(tmp_path), iters=3, kind="fcos", resume=True,
                                  args={"width": width, "lr": lr, "workers": 0}, **kw)
-        return engine.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
+        return toy_train.train(model, toy_train.make_criterion(), model, optimizer, scheduler, toy_train.data_iter_fn(8), cfg)
 
     run(8, 0.05, checkpoint_period=1)
     (tmp_path / "model_final.pth").unlink()

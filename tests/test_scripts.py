@@ -7,11 +7,12 @@ import math
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from msad.cli import resolve
+from msad.cli import check_ranges
 from msad.synthetic import ensure_synthetic
 from scripts_common import TINY, data_flags, last_json, read_jsonl, run, start, wait_for
 
@@ -164,6 +165,33 @@ def test_teacher_starts_from_a_trained_hr_detector_and_takes_its_architecture(de
                "--output-dir", tmp / "bad_init")
     one_line_error(proc, "holds a 'teacher' checkpoint, expected 'fcos'")
     assert not (tmp / "bad_init").exists()
+
+
+def test_a_resume_of_a_run_started_with_init_from_needs_no_init_file(demo):
+    tmp, data = demo["tmp"], data_flags(demo["data"])
+    last_json(run("train_teacher.py", *TINY, *data, "--mode", "single", "--iters", 1, "--no-eval",
+                  "--output-dir", tmp / "hr_fcos_r"))
+    init = tmp / "hr_fcos_r" / "model_final.pth"
+    flags = [*TINY, *data, "--no-eval", "--init-from", init, "--checkpoint-period", 1, "--output-dir", tmp / "init_r"]
+    fresh = run("train_teacher.py", *flags, "--iters", 1, "--resume")  # --resume of nothing yet: a new run
+    assert "a new run starts at iteration 0" in fresh.stdout and "init-from" in fresh.stdout, fresh.stdout[-2000:]
+    init.unlink()  # checkpoint.pth holds everything the resumed run needs
+    proc = run("train_teacher.py", *flags, "--iters", 2, "--resume")
+    assert last_json(proc)["start_iteration"] == 1 and last_json(proc)["iterations"] == 2
+
+
+def test_training_refuses_at_start_a_val_set_it_could_not_evaluate(demo, tmp_path):
+    root = Path(demo["data"])
+    val = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    other = {**val, "categories": val["categories"] + [{"id": 99, "name": "zebra"}]}
+    missing = {**val, "images": val["images"] + [{**val["images"][0], "id": 10**6, "file_name": "gone.png"}]}
+    for name, ann, words in (("cats", other, ("1 of its", "categories are not among", "training set")),
+                             ("img", missing, ("images are not in", "gone.png"))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(ann))
+        flags = [*data_flags(root)[:4], "--val-ann", tmp_path / f"{name}.json", "--val-images", root / "val2017"]
+        proc = run("train_teacher.py", *TINY, *flags, "--iters", 1, "--output-dir", tmp_path / name)
+        one_line_error(proc, *words)
+        assert not (tmp_path / name / "model_final.pth").exists()  # refused before the first iteration
 
 
 def test_evaluate_refuses_a_branch_the_checkpoint_lacks(demo):
@@ -390,4 +418,4 @@ def test_distillation_weight_comes_from_the_preset_and_is_never_negative():
     assert preset_value(argparse.Namespace(preset="demo", kd_weight=None), "kd_weight", "student") == 2.0
     assert preset_value(argparse.Namespace(preset="coco", kd_weight=0.0), "kd_weight", "student") == 0.0
     with pytest.raises(SystemExit, match="--kd-weight -1.0: must be a finite number of at least 0"):
-        resolve(argparse.Namespace(preset="demo", kd_weight=-1.0, device="cpu", amp=None), "student")
+        check_ranges(argparse.Namespace(preset="demo", kd_weight=-1.0, device="cpu", amp=None))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `import msad`
-from msad import dist, engine  # noqa: E402
+from msad import dist, engine, outdir  # noqa: E402
 
 
 @dataclass
@@ -81,6 +81,13 @@ def make_criterion(hook=None):
     return criterion
 
 
+def train(train_model, criterion, model, optimizer, scheduler, data, cfg, **kw):
+    """engine.train after claiming the output folder, as the scripts do first (runner.claim_output_dir)."""
+    if dist.is_main_process():
+        outdir.claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
+    return engine.train(train_model, criterion, model, optimizer, scheduler, data, cfg, **kw)
+
+
 def build(lr=0.05, width=8, warmup_iters=5, steps=(1000,), seed=0):
     torch.manual_seed(seed)
     model = ToyNet(width)
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
                              checkpoint_period=args.checkpoint_period, log_period=args.log_period,
                              resume=args.resume, device=info.device)
     print("training", flush=True)
-    result = engine.train(forward_model, make_criterion(hook), model, optimizer, scheduler,
+    result = train(forward_model, make_criterion(hook), model, optimizer, scheduler,
                           data_iter_fn(args.global_batch, info.rank, info.world_size), cfg)
     if info.is_main:
         print(json.dumps({"per_rank_batch": per_rank, **result}), flush=True)
