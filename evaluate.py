@@ -128,11 +128,14 @@ def main(argv=None):
     # the configuration: the preset's data and evaluation settings, then the data the model was trained for, then
     # the flags
     args = resolve(args, None, ckpt["args"], inherit=DATA_KEYS)
+    scale = program.scale if exported else 1
+    if scale > 1:  # a program of python -m msad.export --input low: the image resized once to the low resolution
+        args = argparse.Namespace(**{**vars(args), "test_size": args.test_size // scale, "max_size": args.max_size // scale})
     info = dist.init_distributed(args.device)
     if not args.images:  # --images reads no dataset
         runner.check_data_root(args, info, training=False)
     dataset = None if args.images else val_data(args, info, ckpt)
-    pad = HR_PAD if exported else canvas_multiple(ckpt)  # a program takes canvases of multiples of 128
+    pad = HR_PAD // scale if exported else canvas_multiple(ckpt)  # a program takes canvases of multiples of 128 (64)
     model = program.to_device(info.device, args.branch) if exported else \
         Detector(*model_from_checkpoint(ckpt, args.checkpoint, args.branch)).to(info.device)
     if args.images:
@@ -151,7 +154,7 @@ def main(argv=None):
     if info.is_main:
         metrics |= {"cff_weights": cff_weights} if cff_weights else {}
         metrics |= {"checkpoint": args.checkpoint, "kind": ckpt["kind"], "branch": model.branch,
-                    "test_size": args.test_size}
+                    "test_size": args.test_size, **({"input": "low"} if scale > 1 else {})}
         write_json_atomic(metrics, os.path.join(args.output_dir, "metrics.json"))
         print_metrics_line(metrics)
     dist.cleanup()

@@ -15,6 +15,7 @@ seeds), and the share of the student-to-fused-teacher gap each row closes.
 
     python benchmarks/output_kd.py                 # ~80 min on a 2-core CPU VM; run nothing beside it
     python benchmarks/output_kd.py --resume-table  # after a failure: only the missing runs
+    python benchmarks/output_kd.py --summarise runs/a/table,runs/b/table   # tables of reproduce.py runs made apart
 """
 import argparse
 import json
@@ -82,22 +83,34 @@ def main(argv=None):
     p.add_argument("--resume-table", action="store_true")
     p.add_argument("--out", default=os.path.join(reproduce.ROOT, "benchmarks", "results", "output_kd"))
     p.add_argument("--runs", default=os.path.join(reproduce.ROOT, "runs", "output_kd"))
+    p.add_argument("--summarise", help="train nothing: merge these reproduce.py results (comma-separated, without .json)")
     args = p.parse_args(argv)
     runs_file = os.path.join(args.runs, "table")
+    if args.summarise:
+        return write(args, args.summarise.split(","))
     flags = ["--teacher-iters", args.teacher_iters, "--seeds", args.seeds, "--rows", ",".join(ROWS.values()),
              "--out-flags", args.out_flags, "--device", args.device, "--parallel", args.parallel,
              "--runs", args.runs, "--out", runs_file, *(["--resume-table"] if args.resume_table else [])]
     try:
         reproduce.main([str(f) for f in flags])
     finally:  # what finished is summarised even when a run failed
-        if os.path.exists(runs_file + ".json"):
-            with open(runs_file + ".json") as f:
-                result = summarise(json.load(f)["runs"], args.teacher_iters) | {"out_flags": args.out_flags}
-            with open(args.out + ".json", "w") as f:
-                json.dump(result, f, indent=1)
-            with open(args.out + ".md", "w") as f:
-                f.write(markdown(result, args.out_flags))
-            print(json.dumps({"table": args.out + ".md", "gains": result["gains"]}))
+        write(args, [runs_file])
+
+
+def write(args, tables: list) -> dict:
+    """output_kd.json and .md from the runs of reproduce.py's result files `tables` (those that exist)."""
+    runs = {}
+    for table in tables:
+        if os.path.exists(table + ".json"):
+            with open(table + ".json") as f:
+                runs |= json.load(f)["runs"]
+    result = summarise(runs, args.teacher_iters) | {"out_flags": args.out_flags}
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(result, args.out_flags))
+    print(json.dumps({"table": args.out + ".md", "gains": result["gains"]}))
+    return result
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ KD = {
     "w0.2": ["--kd-weight", 0.2, "--kd-warmup", 100],
     "l2w0.2": ["--kd-weight", 0.2, "--kd-warmup", 100, "--kd-loss", "l2"],
     # output distillation (msad/output_kd.py) alone: "o" weight, "g" focal gamma, "c" with the centre-ness term
+    "o0.3": ["--kd-weight", 0, "--kd-outputs", 0.3, "--kd-warmup", 100],
     "o1": ["--kd-weight", 0, "--kd-outputs", 1, "--kd-warmup", 100],
+    "o1cls": ["--kd-weight", 0, "--kd-outputs", 1, "--kd-output-terms", "cls", "--kd-warmup", 100],
+    "o1box": ["--kd-weight", 0, "--kd-outputs", 1, "--kd-output-terms", "box", "--kd-warmup", 100],
     "o3": ["--kd-weight", 0, "--kd-outputs", 3, "--kd-warmup", 100],
     "o10": ["--kd-weight", 0, "--kd-outputs", 10, "--kd-warmup", 100],
     "o3g2": ["--kd-weight", 0, "--kd-outputs", 3, "--kd-gamma", 2, "--kd-warmup", 100],

@@ -17,6 +17,11 @@ and torchvision (for the NMS kernel) is needed to run it:
     boxes, scores, labels = program(image, torch.tensor([h, w]))
 
 An `.onnx` output (or --format onnx) is the same program for ONNX Runtime (msad/onnx_export.py).
+
+`--input low` (a student, or a teacher's LR branch): the program takes the half-size canvas itself (sides multiples
+of 64, from 128), as a camera frame resized once to the low resolution, and the model reads it directly instead of
+halving a full-resolution canvas; `size` and the boxes are in that canvas' pixels. Fed the nearest-halved canvas,
+it gives the full-input program's detections at half their coordinates (tests/test_export.py).
 """
 import argparse
 import contextlib
@@ -28,35 +33,46 @@ import torch
 from torch import nn
 from torch.export.passes import move_to_device_pass
 
+from . import align
 from .align import HR_PAD
+from .imagenet import normalize
 from .checkpoint import load_checkpoint, write_atomic
 from .cli import run_script
 from .data import PAD_VALUE
 from .decode import Detector, decode_head, rescale
-from .models import checkpoint_categories, model_from_checkpoint
+from .models import ModelConfig, checkpoint_categories, default_branch, model_from_checkpoint
 
 METADATA = "msad.json"  # extra file inside the .pt2, metadata key of the .onnx: kind, branch, args
 MIN_SIDE = 2 * HR_PAD  # exporting specialises the smallest level's size to >= 2 (a size-1 map is a guard)
 MAX_SIDE = 64 * HR_PAD
+INPUTS = {"full": 1, "low": 2}  # --input -> how much smaller than the HR canvas the program's canvas is
 
 
 class Deployable(nn.Module):
-    """The inference path of a detector on one padded image, as one traceable function (see the module doc)."""
+    """The inference path of a detector on one padded image, as one traceable function (see the module doc).
+    low_input: the canvas is the half-size one, read directly by an LR model (P2..P6, no halving)."""
 
-    def __init__(self, detector: Detector):
+    def __init__(self, detector: Detector, low_input: bool = False):
         super().__init__()
-        self.detector = detector.eval()
+        self.detector, self.low_input = detector.eval(), low_input
 
     def forward(self, image: torch.Tensor, size: torch.Tensor):
-        branch = self.detector.branch
-        out = self.detector.model(image[None], (branch,))[branch]  # head: 1 x L x K, 1 x L x 4, 1 x L
-        return decode_head(out.head.image(0), out.geometry, size, **self.detector.options)
+        model, branch = self.detector.model, self.detector.branch
+        if not self.low_input:
+            out = model(image[None], (branch,))[branch]  # head: 1 x L x K, 1 x L x 4, 1 x L
+            return decode_head(out.head.image(0), out.geometry, size, **self.detector.options)
+        feats = model.pyramid(normalize(image[None]), align.branch_levels(0.5))  # P2..P6 of the half-size canvas
+        out = model.outputs({branch: feats})[branch]  # its grid in the HR frame, twice the canvas' pixels
+        boxes, scores, labels = decode_head(out.head.image(0), out.geometry, size * 2, **self.detector.options)
+        return boxes / 2, scores, labels
 
 
-def check_canvas(height: int, width: int, min_side: int = MIN_SIDE) -> None:
-    if height % HR_PAD or width % HR_PAD or min(height, width) < min_side or max(height, width) > MAX_SIDE:
+def check_canvas(height: int, width: int, min_side: int = MIN_SIDE, scale: int = 1) -> None:
+    """A canvas the program takes: sides multiples of 128 / scale, from min_side / scale to MAX_SIDE / scale."""
+    multiple, low, high = HR_PAD // scale, min_side // scale, MAX_SIDE // scale
+    if height % multiple or width % multiple or min(height, width) < low or max(height, width) > high:
         raise ValueError(f"image size {height}x{width}: an exported program takes a canvas whose sides are "
-                         f"multiples of {HR_PAD}, from {min_side} to {MAX_SIDE} px")
+                         f"multiples of {multiple}, from {low} to {high} px")
 
 
 def _nms_fake(dets, scores, iou_threshold):
@@ -67,25 +83,33 @@ def _nms_fake(dets, scores, iou_threshold):
     return dets.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.long)
 
 
-def export(detector: Detector, example_size=(MIN_SIDE, MIN_SIDE + HR_PAD)) -> torch.export.ExportedProgram:
-    """The torch.export program of a detector's inference (its branch), dynamic in height and width."""
+def export(detector: Detector, example_size=(MIN_SIDE, MIN_SIDE + HR_PAD), input: str = "full") -> torch.export.ExportedProgram:
+    """The torch.export program of a detector's inference (its branch), dynamic in height and width; example_size
+    is the HR canvas traced (halved for input "low")."""
     check_canvas(*example_size)
+    scale = INPUTS[input]
+    if scale > 1 and detector.branch != "lr":
+        raise ValueError(f"--input {input}: only a student or a teacher's LR branch reads the half-size image "
+                         f"(this is the {detector.branch} branch)")
     torch.library.register_fake("torchvision::nms", _nms_fake)  # replaces torchvision's (see above)
+    example_size = tuple(s // scale for s in example_size)
     image = torch.randint(0, 256, (3, *example_size), dtype=torch.uint8)
     size = torch.tensor(example_size)
+    pad = HR_PAD // scale
     dims = {k: torch.export.Dim(k, min=MIN_SIDE // HR_PAD, max=MAX_SIDE // HR_PAD) for k in ("h", "w")}
-    shapes = {"image": {1: HR_PAD * dims["h"], 2: HR_PAD * dims["w"]}, "size": None}
+    shapes = {"image": {1: pad * dims["h"], 2: pad * dims["w"]}, "size": None}
     with torch.no_grad():
-        return torch.export.export(Deployable(detector.cpu()), (image, size), dynamic_shapes=shapes, strict=False)
+        return torch.export.export(Deployable(detector.cpu(), scale > 1), (image, size), dynamic_shapes=shapes,
+                                   strict=False)
 
 
-def metadata(ckpt: dict, branch: str | None) -> dict:
-    """msad's metadata of an exported file: kind, branch, the checkpoint's args, the exporting torch."""
-    return {"kind": ckpt["kind"], "branch": branch, "args": ckpt["args"], "torch": torch.__version__}
+def metadata(ckpt: dict, branch: str | None, input: str = "full") -> dict:
+    """msad's metadata of an exported file: kind, branch, input (full or low), the checkpoint's args, the torch."""
+    return {"kind": ckpt["kind"], "branch": branch, "input": input, "args": ckpt["args"], "torch": torch.__version__}
 
 
-def save(program, path, ckpt: dict, branch: str | None) -> None:
-    meta = json.dumps(metadata(ckpt, branch))
+def save(program, path, ckpt: dict, branch: str | None, input: str = "full") -> None:
+    meta = json.dumps(metadata(ckpt, branch, input))
     write_atomic(path, lambda f: torch.export.save(program, f, extra_files={METADATA: meta}))
 
 
@@ -101,7 +125,8 @@ class ProgramDetector(nn.Module):
     def __init__(self, path: str, meta: dict):
         super().__init__()
         self.path, self.meta = path, meta
-        self.branch = meta["branch"] or ("lr" if meta["kind"] == "student" else "hr")
+        self.branch = meta["branch"] or default_branch(meta["kind"], ModelConfig.from_dict(meta["args"]))
+        self.scale = INPUTS[meta.get("input", "full")]  # 2: it takes the half-size canvas
 
     def to_device(self, device: torch.device, branch: str | None = None) -> "ProgramDetector":
         """On `device`; `branch`, if given, must be the exported one."""
@@ -120,21 +145,22 @@ class ProgramDetector(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch):
-        check_canvas(*batch.images.shape[-2:], min_side=HR_PAD)
+        check_canvas(*batch.images.shape[-2:], min_side=HR_PAD, scale=self.scale)
         results = []
         for image, (h, w), orig in zip(batch.images, batch.image_sizes, batch.orig_sizes):
-            boxes, scores, labels = self.run(pad_canvas(image), torch.tensor([h, w], device=image.device))
+            canvas = pad_canvas(image, MIN_SIDE // self.scale)
+            boxes, scores, labels = self.run(canvas, torch.tensor([h, w], device=image.device))
             results.append({"boxes": rescale(boxes, (h, w), orig), "scores": scores, "labels": labels})
         return results
 
 
-def pad_canvas(image: torch.Tensor) -> torch.Tensor:
-    """A canvas [3, H, W] with each side at least MIN_SIDE, padded bottom and right with PAD_VALUE."""
+def pad_canvas(image: torch.Tensor, min_side: int = MIN_SIDE) -> torch.Tensor:
+    """A canvas [3, H, W] with each side at least min_side, padded bottom and right with PAD_VALUE."""
     h, w = image.shape[-2:]
-    if min(h, w) >= MIN_SIDE:
+    if min(h, w) >= min_side:
         return image
     canvas = torch.tensor(PAD_VALUE, dtype=image.dtype, device=image.device)[:, None, None]
-    canvas = canvas.repeat(1, max(h, MIN_SIDE), max(w, MIN_SIDE))
+    canvas = canvas.repeat(1, max(h, min_side), max(w, min_side))
     canvas[:, :h, :w] = image
     return canvas
 
@@ -216,6 +242,9 @@ def main(argv=None) -> dict:
     p.add_argument("--output", required=True, help="the .pt2 or .onnx file to write")
     p.add_argument("--format", choices=("pt2", "onnx"), help="default: the suffix of --output (else pt2)")
     p.add_argument("--branch", choices=("fused", "hr", "lr"), help="a teacher's branch (required for a teacher)")
+    p.add_argument("--input", choices=tuple(INPUTS), default="full",
+                   help="full: the program takes the HR canvas (a student halves it, as in training); low: a student "
+                        "or LR branch takes the half-size canvas itself (sides multiples of 64)")
     p.add_argument("--size", type=int, nargs=2, default=(MIN_SIDE, MIN_SIDE + HR_PAD), metavar=("H", "W"),
                    help="canvas of the example input that is traced (default: %(default)s)")
     args = p.parse_args(argv)
@@ -229,15 +258,15 @@ def main(argv=None) -> dict:
         raise ValueError(f"{args.checkpoint} is a teacher: say which branch to export with --branch fused|hr|lr "
                          f"(fused needs the HR canvas, lr is the aligned LR branch)")
     detector = Detector(*model_from_checkpoint(ckpt, args.checkpoint, args.branch))
-    program = export(detector, tuple(args.size))
+    program = export(detector, tuple(args.size), args.input)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     if fmt == "onnx":
-        onnx_export.save_onnx(onnx_export.to_onnx(program), args.output, metadata(ckpt, detector.branch),
+        onnx_export.save_onnx(onnx_export.to_onnx(program), args.output, metadata(ckpt, detector.branch, args.input),
                               checkpoint_categories(ckpt))
     else:
-        save(program, args.output, ckpt, detector.branch)
+        save(program, args.output, ckpt, detector.branch, args.input)
     ids, _ = checkpoint_categories(ckpt)
-    result = {"output": args.output, "format": fmt, "kind": ckpt["kind"], "branch": detector.branch,
+    result = {"output": args.output, "format": fmt, "kind": ckpt["kind"], "branch": detector.branch, "input": args.input,
               "classes": len(ids), "bytes": os.path.getsize(args.output)}
     print(json.dumps(result, sort_keys=True))
     return result

@@ -202,3 +202,28 @@ def test_bad_input_to_the_exporter_is_one_line(checkpoint, tmp_path, make, flags
     proc = run("-m", "msad.export", "--checkpoint", path, "--output", tmp_path / "out.pt2", *flags)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error:") and words in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.pt2").exists()
+
+
+def test_a_low_input_program_reads_the_half_size_canvas_directly():
+    """--input low: fed the nearest-halved canvas (what the student sees inside the full program), it gives the
+    full program's detections at half their coordinates; its canvas sides are multiples of 64."""
+    model = detecting("student")
+    low = export.export(model, input="low").module()
+    image = torch.randint(0, 256, (3, 256, 384), dtype=torch.uint8)
+    size = torch.tensor([256, 384])
+    boxes, scores, labels = export.Deployable(model)(image, size)
+    same_detections((boxes / 2, scores, labels), low(image[:, ::2, ::2].contiguous(), size // 2))
+    same_detections(export.Deployable(model, low_input=True)(image[:, :128, :192], torch.tensor([128, 192])),
+                    low(image[:, :128, :192].contiguous(), torch.tensor([128, 192])))
+    with pytest.raises(ValueError, match="only a student or a teacher's LR branch"):
+        export.export(detecting("teacher"), input="low")
+
+
+def test_evaluate_runs_a_low_input_program_on_images_resized_once(checkpoint, tmp_path):
+    root = checkpoint["root"]
+    out = tmp_path / "low.pt2"
+    assert export.main(["--checkpoint", str(checkpoint["path"]), "--output", str(out), "--input", "low"])["input"] == "low"
+    data = ["--val-ann", f"{root}/annotations/instances_val2017.json", "--val-images", f"{root}/val2017",
+            "--workers", "0", "--device", "cpu"]
+    metrics = evaluate.main(["--checkpoint", str(out), *data, "--output-dir", str(tmp_path / "e")])
+    assert metrics["input"] == "low" and metrics["test_size"] == 128 and metrics["AP"] >= 0
