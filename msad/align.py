@@ -47,16 +47,19 @@ class Geometry(NamedTuple):
     shapes: list  # (h_i, w_i) per level position
 
 
-def make_points(shapes, strides, device, offset: bool = True):
+def make_points(shapes, strides, device, offset: bool = True, canvas=None):
     """Location centres of every level: points [L, 2] (x, y) and strides [L].
 
-    (j*s + s//2, i*s + s//2) as in the released code (FCOS Sec. 3.1); (j*s, i*s) with offset=False.
+    (j*s + s//2, i*s + s//2) as in the released code (FCOS Sec. 3.1); (j*s, i*s) with offset=False. With the
+    canvas (H, W) given, the steps are H // h and W // w, as torchvision's AnchorGenerator places them (61 px
+    for P6 on an 800 px side padded to 32); they are s on a canvas of multiples of 128. `strides` stay s.
     """
     points, point_strides = [], []
     for (h, w), s in zip(shapes, strides):
         shift = s // 2 if offset else 0
-        ys = torch.arange(h, device=device, dtype=torch.float32) * s + shift
-        xs = torch.arange(w, device=device, dtype=torch.float32) * s + shift
+        sy, sx = (canvas[0] // h, canvas[1] // w) if canvas is not None else (s, s)
+        ys = torch.arange(h, device=device, dtype=torch.float32) * sy + shift
+        xs = torch.arange(w, device=device, dtype=torch.float32) * sx + shift
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         points.append(torch.stack([xx.flatten(), yy.flatten()], dim=1))  # h*w x 2
         point_strides.append(torch.full((h * w,), float(s), device=device))
@@ -69,11 +72,12 @@ def level_ranges(shapes, ranges=SIZE_RANGES, device=None):
     return out.to(device, non_blocking=True)  # from pageable memory: staged at once, no wait for the GPU
 
 
-def locations(feats, center_offset: bool = True) -> Geometry:
-    """The HR-frame grid of an aligned pyramid (HR P3..P7, LR P2..P6 or fused): the same for every branch."""
+def locations(feats, center_offset: bool = True, canvas=None) -> Geometry:
+    """The HR-frame grid of an aligned pyramid (HR P3..P7, LR P2..P6 or fused): the same for every branch.
+    canvas: the HR canvas (H, W) for torchvision's placement (make_points), None for ours."""
     shapes = [tuple(f.shape[-2:]) for f in feats]
     device = feats[0].device
-    points, strides = make_points(shapes, hr_strides(), device, center_offset)
+    points, strides = make_points(shapes, hr_strides(), device, center_offset, canvas)
     return Geometry(points, strides, level_ranges(shapes, device=device), shapes)
 
 

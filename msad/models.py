@@ -100,13 +100,13 @@ class FCOS(nn.Module):
             return self.pyramid(align.make_low_res(x, self.cfg.low_res_mode), align.branch_levels(0.5))
         return self.pyramid(x, align.branch_levels(1.0))
 
-    def outputs(self, pyramids: dict) -> dict:
+    def outputs(self, pyramids: dict, canvas=None) -> dict:
         """{branch: pyramid} -> {branch: BranchOutputs}. Branches of one batch have the same shapes (Sec. 3.1),
         so the shared head runs once on their concatenation along the batch: GroupNorm is per sample, so this
-        equals one call per branch, with fewer kernel launches."""
+        equals one call per branch, with fewer kernel launches. canvas: see `forward`."""
         feats = list(pyramids.values())
         head = self.head([torch.cat(level) for level in zip(*feats)] if len(feats) > 1 else feats[0])
-        geometry = align.locations(feats[0], self.cfg.center_offset)
+        geometry = align.locations(feats[0], self.cfg.center_offset, canvas)
         return {name: BranchOutputs(f, h, geometry)
                 for (name, f), h in zip(pyramids.items(), head.chunk(len(feats)))}
 
@@ -116,7 +116,10 @@ class FCOS(nn.Module):
         return {branch: self.branch_pyramid(normalize(images), branch)}
 
     def forward(self, images: torch.Tensor, branches=None) -> dict:
-        return self.outputs(self.pyramids(images, branches))
+        """A converted torchvision FCOS (decode_rule "torchvision") places its locations on the canvas as
+        torchvision does (align.make_points); every other model on the strides alone."""
+        canvas = tuple(images.shape[-2:]) if self.cfg.decode_rule == "torchvision" else None
+        return self.outputs(self.pyramids(images, branches), canvas)
 
 
 class MultiScaleTeacher(FCOS):
