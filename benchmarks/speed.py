@@ -39,6 +39,7 @@ from msad.fcos_head import HeadOutputs, prior_bias  # noqa: E402
 from msad.fcos_loss import FCOSLoss, assign_targets, fcos_losses  # noqa: E402
 from msad.imagenet import normalize  # noqa: E402
 from msad.models import ModelConfig, build_model  # noqa: E402
+from msad.output_kd import OutputDistillation  # noqa: E402
 from msad.teacher_loss import TeacherLoss  # noqa: E402
 from speed_parts import (HalfStrideAnchors, bench, commit, copy_weights_to_torchvision, cost_section,  # noqa: E402
                          count_syncs, machine, make_batch, pyramid_shapes, same_detections, set_dense_head, sgd,
@@ -162,11 +163,16 @@ def train_section(args, models: dict, frozen_teacher, hr_batch, tv_images, tv_ta
             m.head.box_pred.bias.zero_()
     copy_weights_to_torchvision(ours, theirs)
     trainable, distillation = TrainableStudent(student), DistillationLoss(frozen_teacher, FeatureDistillation())
+    # + output distillation: the frozen teacher's head also runs, on its fused pyramid (msad/output_kd.py)
+    with_outputs = DistillationLoss(frozen_teacher, FeatureDistillation(), OutputDistillation(1.0))
     for m in (ours, theirs, teacher, trainable):
         m.train()
 
     def student_forward():  # the teacher's features under no_grad inside the loss, as in train_student.py
         return distillation(trainable(hr_batch.images), hr_batch, 1000)
+
+    def student_outputs_forward():
+        return with_outputs(trainable(hr_batch.images), hr_batch, 1000)
 
     train_fns = {
         "ours_fcos": train_step(ours, sgd(ours), lambda: FCOSLoss()(ours(hr_batch.images), hr_batch), amp, device),
@@ -174,11 +180,14 @@ def train_section(args, models: dict, frozen_teacher, hr_batch, tv_images, tv_ta
         "ours_teacher": train_step(teacher, sgd(teacher), lambda: TeacherLoss()(teacher(hr_batch.images), hr_batch),
                                    amp, device),
         "ours_student_with_teacher": train_step(trainable, sgd(trainable), student_forward, amp, device),
+        "ours_student_with_teacher_outputs": train_step(trainable, sgd(trainable), student_outputs_forward, amp,
+                                                        device),
     }
     tr = bench(train_fns, args.warmup, args.repeats, device)
     syncs = {k: count_syncs(train_fns[k], device) for k in ("ours_fcos", "torchvision_fcos", "ours_teacher")}
     return {"seconds": tr, "torchvision_over_ours": tr["torchvision_fcos"] / tr["ours_fcos"],
             "host_device_syncs_per_step": syncs, "teacher_over_fcos": tr["ours_teacher"] / tr["ours_fcos"],
+            "student_outputs_kd_over_feature_kd": tr["ours_student_with_teacher_outputs"] / tr["ours_student_with_teacher"],
             "images_per_second": {k: args.batch / v for k, v in tr.items()}}
 
 
