@@ -5,7 +5,8 @@ without downloading COCO. Eight classes differ in form and in hue (jittered); ob
 from about 6 px to half the image side, so that, as on COCO, halving the resolution hurts the small ones,
 which is what MSAD is about. Backgrounds are smooth noise, gradients or stripes in muted colours, so the
 saturated shapes stand out. Objects may overlap mildly: none is more than 60% hidden, and its box is the
-tight box of its visible pixels (`area` is its visible pixel count, as in COCO).
+tight box of its visible pixels (`area` is its visible pixel count, as in COCO) and its `segmentation` the
+compressed RLE of those pixels (the holes of rings and frames excluded from it), for instance segmentation.
 
 The layout is COCO's, so `--data-root root` works:
     root/annotations/instances_{train,val}2017.json, root/{train,val}2017/*.png, root/meta.json
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_util
 
 try:
     import fcntl  # POSIX: serialises concurrent generation by several ranks
@@ -102,7 +104,8 @@ def background(rng, h: int, w: int) -> np.ndarray:
 
 
 def render_image(rng, short: int, long: int) -> tuple[np.ndarray, list]:
-    """One image: uint8 h x w x 3 and its objects [(category index, x0, y0, x1, y1, visible area)]."""
+    """One image: uint8 h x w x 3 and its objects [(category index, x0, y0, x1, y1, visible area, RLE counts of
+    the visible pixels)]."""
     s = round(short * rng.uniform(0.875, 1.125))
     l = round(s * long / short * rng.uniform(0.9, 1.15))
     h, w = (s, l) if rng.random() < 0.5 else (l, s)  # landscape or portrait
@@ -135,10 +138,12 @@ def render_image(rng, short: int, long: int) -> tuple[np.ndarray, list]:
         classes.append(c)
         regions.append((ys, xs))
     objects = []
-    for k, (c, (ys, xs)) in enumerate(zip(classes, regions)):  # tight box of the visible pixels
+    for k, (c, (ys, xs)) in enumerate(zip(classes, regions)):  # tight box and RLE of the visible pixels
         rows, cols = np.nonzero(owner[ys, xs] == k)
+        rle = mask_util.encode(np.asfortranarray(owner == k, dtype=np.uint8))  # holes of rings and frames included
         objects.append((c, xs.start + int(cols.min()), ys.start + int(rows.min()),
-                        xs.start + int(cols.max()) + 1, ys.start + int(rows.max()) + 1, len(rows)))
+                        xs.start + int(cols.max()) + 1, ys.start + int(rows.max()) + 1, len(rows),
+                        rle["counts"].decode("ascii")))
     return (img * 255).round().astype(np.uint8), objects
 
 
@@ -156,7 +161,8 @@ def _render_to_file(job) -> tuple:
 def _params(num_train, num_val, seed, image_size) -> dict:
     return {"generator": "msad.synthetic", "generator_version": GENERATOR_VERSION, "num_train": int(num_train), "num_val": int(num_val),
             "seed": int(seed), "image_size": [int(x) for x in image_size], "min_object": MIN_OBJECT,
-            "objects_per_image": list(OBJECTS_PER_IMAGE), "max_hidden": MAX_HIDDEN}
+            "objects_per_image": list(OBJECTS_PER_IMAGE), "max_hidden": MAX_HIDDEN,
+            "segmentation": "rle"}  # the masks came after version 1's images and boxes, which they leave as they were
 
 
 def is_current(root, params: dict) -> bool:
@@ -193,10 +199,11 @@ def _write_split(out: Path, split: str, count: int, params: dict, pool) -> None:
     images, annotations = [], []
     for image_id, job, ((h, w), objects) in zip(ids, jobs, results):
         images.append({"id": image_id, "file_name": job[-1].name, "width": w, "height": h})
-        for c, x0, y0, x1, y1, area in objects:
+        for c, x0, y0, x1, y1, area, counts in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": CATEGORIES[c][0],
                                 "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                                "area": float(area), "iscrowd": 0})
+                                "area": float(area), "iscrowd": 0,
+                                "segmentation": {"size": [h, w], "counts": counts}})
     coco = {"info": {"description": "msad synthetic shapes", "version": str(GENERATOR_VERSION)},
             "licenses": [], "images": images, "annotations": annotations,
             "categories": [{"id": i, "name": n, "supercategory": "shape"} for i, n, _ in CATEGORIES]}
