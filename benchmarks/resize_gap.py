@@ -20,7 +20,6 @@ import tempfile
 
 import numpy as np
 import torch
-import torchvision
 from torchvision.ops import box_iou
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,21 +30,8 @@ from msad.decode import Detector  # noqa: E402
 from msad.models import model_from_checkpoint  # noqa: E402
 from msad.samplers import build_eval_loader  # noqa: E402
 
-
-def seeded_torchvision():
-    """The test's detector: seeded random weights, BN statistics too, COCO's 80 logits raised so boxes pass."""
-    torch.manual_seed(0)
-    tv = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None).eval()
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
-        bias = tv.head.classification_head.cls_logits.bias
-        bias.fill_(-50.0)
-        bias[convert.COCO_IDS] = -1.0
-        tv.head.regression_head.bbox_ctrness.bias.fill_(1.0)
-    return tv
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "helpers"))
+from seeded_torchvision import seeded_torchvision  # noqa: E402  (the converted-weights tests' detector)
 
 
 @torch.no_grad()

@@ -3,6 +3,8 @@ AdelaiDet's and the released MSAD files, built here with their documented names 
 tensor and back."""
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ from msad.decode import Detector
 from msad.models import model_from_checkpoint
 from scripts_common import run
 
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from seeded_torchvision import seeded_torchvision  # noqa: E402
+
 SIZES = [(256, 384), (384, 256), (256, 512)]  # multiples of 128: neither model resizes or pads
 
 
@@ -27,21 +32,8 @@ pytestmark = pytest.mark.usefixtures("two_threads")
 
 @pytest.fixture(scope="module")
 def torchvision_fcos(tmp_path_factory):
-    """fcos_resnet50_fpn with seeded random weights (BN statistics too) that detects something, and its file.
-
-    The 11 logits of ids COCO does not use get a very low bias: in the released weights they were only ever
-    trained as negatives, and the conversion keeps the 80 used ones."""
-    torch.manual_seed(0)
-    tv = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None).eval()
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
-        bias = tv.head.classification_head.cls_logits.bias
-        bias.fill_(-50.0)
-        bias[convert.COCO_IDS] = -1.0  # raised from the prior (-4.6): sqrt(cls * ctr) passes 0.2 often
-        tv.head.regression_head.bbox_ctrness.bias.fill_(1.0)
+    """fcos_resnet50_fpn with seeded random weights that detects something (seeded_torchvision), and its file."""
+    tv = seeded_torchvision()
     path = tmp_path_factory.mktemp("tv") / "fcos_tv.pth"
     torch.save(tv.state_dict(), path)
     return tv, path
