@@ -175,10 +175,22 @@ def parse_images(images: list, anns: list, cat_ids: list[int], image_dir: str, f
     by_image = np.argsort(rows[keep], kind="stable")  # kept annotations grouped by image, json order inside
     offsets = np.concatenate([[0], np.cumsum(counts)])
     return {"boxes": boxes[keep][by_image].astype(np.float32),  # M x 4
+            "ann_index": np.flatnonzero(keep)[by_image],  # M: each kept box's position in the json's annotations
             "labels": labels[keep][by_image].astype(np.int64),  # M
             "start": offsets[:-1][img_keep], "end": offsets[1:][img_keep],  # n, n: slices into M
             "image_ids": img_ids[img_keep].tolist(), "file_names": names[img_keep].tolist(),
             "sizes": np.stack([heights, widths], axis=1)[img_keep].astype(np.int64)}  # n x 2, (H0, W0)
+
+
+def segmentations(data: dict, ann_index: np.ndarray, ann_file: str) -> list:
+    """The `segmentation` of each kept annotation, in the dataset's box order; one DatasetError naming the file
+    and the first annotation without one (a mask model cannot learn from a box)."""
+    anns = data.get("annotations", [])
+    missing = [int(i) for i in ann_index if not isinstance(anns[i], dict) or "segmentation" not in anns[i]]
+    if missing:
+        raise DatasetError(f"{ann_file}: annotations[{missing[0]}] has no 'segmentation' ({len(missing)} of "
+                           f"{len(ann_index)} kept objects lack one); a model with a mask branch needs one per object")
+    return [anns[i]["segmentation"] for i in ann_index]
 
 
 def coco_index(data: dict) -> COCO:

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from . import coco
 from .coco import DatasetError
 from .imagenet import IMAGENET_MEAN
+from .masks import box_masks, flip_box_masks
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,15 @@ class CocoDetection(torch.utils.data.Dataset):
     of the json is kept as `coco` for COCOeval in eval mode (None in training, to save memory).
 
     Labels are contiguous 0..C-1 in the order of sorted category ids; `label_to_cat_id` maps them back.
+    With `masks=True` (a model with a mask branch) each target also has "masks": N x 28 x 28 uint8, every
+    kept object's mask inside its box (msad.masks.box_masks), flipped with the image; a resize moves the box
+    with the mask, so no full-image bitmap is made. Without it, segmentations are not even kept.
     """
 
+    _segmentations = None  # per kept box, with masks=True (ImageFolder has none)
+
     def __init__(self, ann_file, image_dir, train: bool, sizes: Sequence[int], max_size: int,
-                 flip_prob: float = 0.5):
+                 flip_prob: float = 0.5, masks: bool = False):
         self.ann_file, self.image_dir = str(ann_file), str(image_dir)
         self.train, self.sizes, self.max_size = train, [int(s) for s in sizes], int(max_size)
         self.flip_prob = flip_prob if train else 0.0
@@ -130,6 +136,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self._file_names: list[str] = parsed["file_names"]
         self._sizes = parsed["sizes"]  # n x 2, (H0, W0)
         self.coco = None if train else coco.coco_index(data)
+        self._segmentations = coco.segmentations(data, parsed["ann_index"], self.ann_file) if masks else None
         self.num_skipped_images = 0
 
     # -- public helpers -------------------------------------------------------------------------------
@@ -228,7 +235,16 @@ class CocoDetection(torch.utils.data.Dataset):
         labels = torch.from_numpy(self._labels[self._start[index]:self._end[index]].copy())  # N
         target = {"boxes": boxes, "labels": labels, "image_id": self.image_ids[index], "orig_size": (H0, W0),
                   "size": (h, w)}
+        if self._segmentations is not None:
+            target["masks"] = self._box_masks(index, flip)  # N x 28 x 28
         return image.contiguous(), target
+
+    def _box_masks(self, index: int, flip: bool) -> torch.Tensor:
+        """The image's kept objects' masks inside their (unflipped, original-pixel) boxes, N x M x M uint8."""
+        H0, W0 = self._sizes[index].tolist()
+        crops = box_masks(self._segmentations[self._start[index]:self._end[index]],
+                          self._boxes[self._start[index]:self._end[index]], H0, W0)
+        return torch.from_numpy(flip_box_masks(crops) if flip else crops)
 
 
 class ImageFolder(CocoDetection):

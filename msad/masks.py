@@ -28,7 +28,8 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from .checkpoint import load_refusal, save_atomic
-from .coco import DatasetError, read_json, top_level_list
+from .coco import (DatasetError, annotations, parse_categories, parse_images, read_json, segmentations,
+                   top_level_list)
 
 MASK_SIZE = 28  # M: masks are cropped to their box and resized to M x M
 DIM_MASK = 60  # D: PCA components kept
@@ -155,25 +156,15 @@ def reconstruction_iou(code: MaskCode, masks: torch.Tensor, generator: torch.Gen
 # from an annotation file
 # ----------------------------------------------------------------------------------------------------
 def annotation_masks(ann_file: str, size: int = MASK_SIZE) -> torch.Tensor:
-    """N x size x size uint8: the box crops of every non-crowd annotation of a COCO json (boxes xywh)."""
+    """N x size x size uint8: the box crops of every object a training run keeps from a COCO json (crowd and
+    degenerate boxes left out, boxes clipped to the image: coco.parse_images, as CocoDetection reads it)."""
     data = read_json(ann_file)
-    sizes = {im["id"]: (im["height"], im["width"]) for im in top_level_list(data, "images", ann_file)}
-    by_image = {}
-    for i, a in enumerate(top_level_list(data, "annotations", ann_file)):
-        if a.get("iscrowd", 0):
-            continue
-        if "segmentation" not in a:
-            raise DatasetError(f"{ann_file}: annotations[{i}] has no 'segmentation' (a mask model needs one per "
-                               "object)")
-        by_image.setdefault(a["image_id"], []).append(a)
-    out = []
-    for image_id, anns in by_image.items():
-        h, w = sizes[image_id]
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64)
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-        out.append(box_masks([a["segmentation"] for a in anns], boxes, h, w, size))
-    if not out:
-        raise DatasetError(f"{ann_file}: no non-crowd annotation with a segmentation")
+    cat_ids, _ = parse_categories(top_level_list(data, "categories", ann_file), ann_file)
+    parsed = parse_images(top_level_list(data, "images", ann_file), annotations(data, ann_file, True), cat_ids,
+                          ".", ann_file, train=True)
+    segs = segmentations(data, parsed["ann_index"], ann_file)
+    out = [box_masks(segs[a:b], parsed["boxes"][a:b], h, w, size)  # one call per image, not per object
+           for a, b, (h, w) in zip(parsed["start"], parsed["end"], parsed["sizes"].tolist())]
     return torch.from_numpy(np.concatenate(out))
 
 

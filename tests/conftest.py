@@ -12,6 +12,11 @@ from msad.models import ModelConfig, MultiScaleTeacher
 from msad.teacher_loss import TeacherLoss
 
 
+def pytest_configure(config):
+    # pycocotools' mask.decode under numpy 2 warns on every call (its own code, not ours)
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
+
+
 @pytest.fixture
 def seeded():
     """A fixed RNG state and one intra-op thread for the duration of a test.

@@ -162,3 +162,31 @@ def test_cli_fit_then_iou(demo, tmp_path):
     assert json.loads(iou.stdout.splitlines()[-1])["mean_iou"] >= DEMO_IOU
     bad = run("iou", "--codes", ann(demo), "--ann", ann(demo, "val"))
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "error:" in bad.stderr
+
+
+def test_dataset_gives_box_masks_flipped_with_the_image_and_only_when_asked(demo):
+    from msad.data import CocoDetection
+    paths, kw = (ann(demo), str(demo / "train2017")), dict(train=True, sizes=[128], max_size=256)
+    plain = CocoDetection(*paths, **kw, flip_prob=0.0)
+    upright = CocoDetection(*paths, **kw, flip_prob=0.0, masks=True)
+    flipped = CocoDetection(*paths, **kw, flip_prob=1.0, masks=True)
+    assert "masks" not in plain[0][1]  # detection: no masks made
+    target = upright[0][1]
+    assert torch.equal(target["boxes"], plain[0][1]["boxes"])  # masks=True leaves the boxes as they are
+    data = json.loads(Path(paths[0]).read_text())
+    im = next(i for i in data["images"] if i["id"] == upright.image_ids[0])
+    segs = [a["segmentation"] for a in data["annotations"] if a["image_id"] == im["id"]]  # json order, as kept
+    expected = masks.box_masks(segs, upright.ground_truth(0)[0], im["height"], im["width"])  # N x 28 x 28
+    assert target["masks"].dtype == torch.uint8 and (target["masks"].numpy() == expected).all()
+    assert torch.equal(flipped[0][1]["masks"], target["masks"].flip(-1))
+
+
+def test_mask_dataset_without_segmentation_is_one_line_naming_the_file(demo, tmp_path):
+    from msad.data import CocoDetection
+    data = json.loads(Path(ann(demo)).read_text())
+    del data["annotations"][3]["segmentation"]
+    f = tmp_path / "no_masks.json"
+    f.write_text(json.dumps(data))
+    CocoDetection(str(f), str(demo / "train2017"), train=True, sizes=[128], max_size=256)  # boxes alone: fine
+    with pytest.raises(DatasetError, match=r"no_masks\.json: annotations\[3\] has no 'segmentation' \(1 of "):
+        CocoDetection(str(f), str(demo / "train2017"), train=True, sizes=[128], max_size=256, masks=True)
