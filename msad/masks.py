@@ -57,7 +57,8 @@ def _rle_crops(rles: list, boxes: np.ndarray, size: int) -> np.ndarray:
     """n x size x size uint8 masks of full-image RLEs inside their boxes: bilinear ROIAlign (aligned, as
     detectron2's BitMasks crop_and_resize) of the decoded bitmaps, then >= 0.5."""
     full = torch.from_numpy(mask_util.decode(rles)).permute(2, 0, 1)[:, None].float()  # n x 1 x H x W
-    rois = torch.cat([torch.arange(len(rles), dtype=torch.float32)[:, None], torch.as_tensor(boxes, dtype=torch.float32)], 1)
+    index = torch.arange(len(rles), dtype=torch.float32)[:, None]  # n x 1: the bitmap of each box
+    rois = torch.cat([index, torch.as_tensor(boxes, dtype=torch.float32)], 1)  # n x 5
     crops = roi_align(full, rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)  # n x 1 x s x s
     return (crops[:, 0] >= 0.5).to(torch.uint8).numpy()
 
