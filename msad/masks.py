@@ -1,5 +1,5 @@
 """MEInst's mask code (Zhang et al., CVPR 2020, "Mask Encoding for Single Shot Instance Segmentation"), the
-mask output that MSAD's instance-segmentation experiments add to FCOS (the paper's instance-level tasks).
+mask output that instance segmentation adds to FCOS (one of the instance-level tasks of the paper's Sec. 1).
 
 Each object's mask, cropped to its box and resized to M x M (M = 28), is a vector of M^2 values; a PCA basis
 fitted on the training set's masks (class-agnostic, D = 60 components) turns it into a compact code that

@@ -140,7 +140,7 @@ def render_image(rng, short: int, long: int) -> tuple[np.ndarray, list]:
     objects = []
     for k, (c, (ys, xs)) in enumerate(zip(classes, regions)):  # tight box and RLE of the visible pixels
         rows, cols = np.nonzero(owner[ys, xs] == k)
-        rle = mask_util.encode(np.asfortranarray(owner == k, dtype=np.uint8))  # holes of rings and frames included
+        rle = mask_util.encode(np.asfortranarray(owner == k, dtype=np.uint8))  # a ring's or frame's hole is not in it
         objects.append((c, xs.start + int(cols.min()), ys.start + int(rows.min()),
                         xs.start + int(cols.max()) + 1, ys.start + int(rows.max()) + 1, len(rows),
                         rle["counts"].decode("ascii")))
