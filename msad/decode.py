@@ -43,12 +43,13 @@ def class_nms(boxes, scores, labels, num_classes: int, iou: float):
 
 @torch.no_grad()
 def decode_image(cls, box, ctr, points, strides, shapes, image_size, score_thresh=0.05, pre_nms_top_n=1000,
-                 nms_thresh=0.6, max_dets=100, rule="released"):
+                 nms_thresh=0.6, max_dets=100, rule="released", locations=False):
     """Detections of one image in its input pixels (the resized image, top-left in its padded canvas).
 
     cls [L, K] and ctr [L] logits, box [L, 4] (l, t, r, b) in stride units, as FCOSHead returns them for one
     image; image_size: (h, w) of the image inside the canvas, a tensor [2] (an input of an exported program).
-    Returns boxes [n, 4] (x0, y0, x1, y1) clipped to the image, scores [n], labels [n] (contiguous), n <= max_dets.
+    Returns boxes [n, 4] (x0, y0, x1, y1) clipped to the image, scores [n], labels [n] (contiguous), n <= max_dets,
+    and with `locations` also the index [n] of each detection's location (where its mask code is read).
     """
     K = cls.shape[1]
     prob = torch.sigmoid(cls.float())
@@ -70,29 +71,38 @@ def decode_image(cls, box, ctr, points, strides, shapes, image_size, score_thres
     boxes = torch.minimum(boxes.clamp(min=0), size)
     if rule == "released":  # locations in the padding leave zero-width boxes (detectron2's `nonempty`)
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes, scores, labels = boxes[nonempty], scores[nonempty], labels[nonempty]
+        boxes, scores, labels, loc = boxes[nonempty], scores[nonempty], labels[nonempty], loc[nonempty]
     keep = class_nms(boxes, scores, labels, K, nms_thresh)[:max_dets]
-    return boxes[keep], scores[keep], labels[keep]
+    return (boxes[keep], scores[keep], labels[keep]) + ((loc[keep],) if locations else ())
 
 
-def decode(head, geometry, image_sizes, orig_sizes, **kwargs):
+def decode(head, geometry, image_sizes, orig_sizes, mask_code=None, **kwargs):
     """decode_image for each image of a batch, then boxes rescaled from resized to original pixels.
 
     head: fcos_head.HeadOutputs of the batch; geometry: align.Geometry of its locations; image_sizes,
     orig_sizes: per image (h, w) after resizing and of the file. Returns one dict per image with boxes [n, 4]
-    (x0, y0, x1, y1, original pixels), scores [n], labels [n] (contiguous).
+    (x0, y0, x1, y1, original pixels), scores [n], labels [n] (contiguous) and, for a head with a mask output and
+    its masks.MaskCode `mask_code`, masks [n, M, M]: each detection's mask probabilities inside its box
+    (meinst.paste_masks puts them in the image).
     """
     results = []
     for b, ((h, w), (h0, w0)) in enumerate(zip(image_sizes, orig_sizes)):
-        boxes, scores, labels = decode_head(head.image(b), geometry, torch.tensor([h, w]), **kwargs)
-        results.append({"boxes": rescale(boxes, (h, w), (h0, w0)), "scores": scores, "labels": labels})
+        boxes, scores, labels, *masks = decode_head(head.image(b), geometry, torch.tensor([h, w]), mask_code, **kwargs)
+        results.append({"boxes": rescale(boxes, (h, w), (h0, w0)), "scores": scores, "labels": labels}
+                       | ({"masks": masks[0]} if masks else {}))
     return results
 
 
-def decode_head(head, geometry, image_size, **kwargs):
-    """decode_image on one image's HeadOutputs (L x K, L x 4, L) and the pyramid's Geometry."""
-    return decode_image(head.cls_logits, head.box_regression, head.centerness, geometry.points, geometry.strides,
-                        geometry.shapes, image_size, **kwargs)
+def decode_head(head, geometry, image_size, mask_code=None, **kwargs):
+    """decode_image on one image's HeadOutputs (L x K, L x 4, L) and the pyramid's Geometry: boxes, scores, labels,
+    and with a mask output and its `mask_code` the masks [n, M, M] decoded from the code at each detection."""
+    with_masks = mask_code is not None and head.mask_codes is not None
+    out = decode_image(head.cls_logits, head.box_regression, head.centerness, geometry.points, geometry.strides,
+                       geometry.shapes, image_size, locations=with_masks, **kwargs)
+    if not with_masks:
+        return out
+    boxes, scores, labels, loc = out
+    return boxes, scores, labels, mask_code.decode(head.mask_codes[loc].float())  # n x M x M
 
 
 def decode_options(cfg) -> dict:
@@ -104,17 +114,20 @@ def decode_options(cfg) -> dict:
 class Detector(nn.Module):
     """A model and its postprocessor: ImageBatch -> detections of `branch` per image, in original pixels.
 
-    This is what evaluation, pictures and the FLOP count run (exported programs offer the same interface).
+    This is what evaluation, pictures and the FLOP count run (exported programs offer the same interface). A model
+    with a mask branch also gives each detection's mask in its box (`decode`).
     The model runs only the pyramids that `branch` needs; decoding is `decode` above.
     """
 
     def __init__(self, model: nn.Module, branch: str):
         super().__init__()
         self.model, self.branch, self.options = model, branch, decode_options(model.cfg)
+        self.masks = hasattr(model, "mask_code")  # a mask branch: each detection also has its mask
 
     def forward(self, batch):
         out = self.model(batch.images, (self.branch,))[self.branch]
-        return decode(out.head, out.geometry, batch.image_sizes, batch.orig_sizes, **self.options)
+        return decode(out.head, out.geometry, batch.image_sizes, batch.orig_sizes, getattr(self.model, "mask_code", None),
+                      **self.options)
 
 
 def rescale(boxes, size, orig_size):

@@ -133,11 +133,13 @@ class DistillationLoss:
     - `outputs` (output_kd.OutputDistillation, our extension): its head's predictions on that pyramid are the
       targets of the student's, location by location, "loss_kd_cls" / "loss_kd_box" / "loss_kd_ctr".
     Without a teacher, L_S = L_FCOS. `probe` (diagnostics.StudentProbe) sees every step's terms and pyramids.
+    A student with a mask branch (`mask_code`, its masks.MaskCode) has MEInst's mask term in L_FCOS.
     """
 
     def __init__(self, teacher: nn.Module | None = None, features: FeatureDistillation | None = None,
-                 outputs=None, probe=None):
+                 outputs=None, probe=None, mask_code=None):
         self.teacher, self.features, self.outputs, self.probe = teacher, features, outputs, probe
+        self.mask_code = mask_code
         self.branch = None if teacher is None else "fused" if "fused" in teacher.branches else "hr"
 
     @torch.no_grad()
@@ -150,7 +152,7 @@ class DistillationLoss:
 
     def __call__(self, outputs: StudentOutputs, batch, iteration: int) -> dict:
         out = outputs.lr
-        targets = fcos_targets(out.geometry, batch.targets)
+        targets = fcos_targets(out.geometry, batch.targets, self.mask_code)
         losses = fcos_losses(out.head, targets)
         if self.teacher is None:
             return losses

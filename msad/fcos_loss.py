@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import dist
 from .align import INF
+from .meinst import code_targets, mask_loss
 
 
 
@@ -23,6 +24,8 @@ class Targets:
     labels: torch.Tensor  # B x L, contiguous class or -1 for background
     ltrb: torch.Tensor  # B x L x 4, regression targets divided by the location's stride
     pos: torch.Tensor  # B x L bool
+    gt: torch.Tensor | None = None  # B x L, the index of each location's box in its image (0 off the positives)
+    mask_codes: torch.Tensor | None = None  # B x L x D, the MEInst code of that box's mask (meinst.code_targets)
 
     @property
     def centerness(self):
@@ -52,7 +55,7 @@ def _targets(points, strides, boxes, labels, pos, gt) -> Targets:
     px, py = points[None, :, 0], points[None, :, 1]  # 1 x L
     target_ltrb = torch.stack([px - gt_boxes[..., 0], py - gt_boxes[..., 1], gt_boxes[..., 2] - px,
                                gt_boxes[..., 3] - py], dim=-1) / strides[None, :, None]  # B x L x 4
-    return Targets(target_labels, target_ltrb, pos)
+    return Targets(target_labels, target_ltrb, pos, gt)
 
 
 @torch.no_grad()
@@ -170,17 +173,25 @@ def giou_loss_ltrb(pred, target, weight):
     return ((1 - giou) * weight).sum()
 
 
-def fcos_targets(geometry, gt: list) -> Targets:
-    """The FCOS targets of a batch on an align.Geometry; gt: per image {"boxes": [n, 4] HR pixels, "labels": [n]}."""
-    return assign_targets(geometry.points, geometry.strides, geometry.ranges, [t["boxes"] for t in gt],
-                          [t["labels"] for t in gt], shapes=geometry.shapes)
+def fcos_targets(geometry, gt: list, mask_code=None) -> Targets:
+    """The FCOS targets of a batch on an align.Geometry; gt: per image {"boxes": [n, 4] HR pixels, "labels": [n]}
+    and, for a model with a mask branch (`mask_code`: its masks.MaskCode), "masks" [n, M, M]: then the Targets also
+    hold each location's mask code (meinst.code_targets)."""
+    targets = assign_targets(geometry.points, geometry.strides, geometry.ranges, [t["boxes"] for t in gt],
+                             [t["labels"] for t in gt], shapes=geometry.shapes)
+    if mask_code is not None:
+        if any("masks" not in t for t in gt):
+            raise ValueError("a model with a mask branch needs the objects' masks: build the dataset with masks=True")
+        targets.mask_codes = code_targets(mask_code, [t["masks"] for t in gt], targets.gt)
+    return targets
 
 
 def fcos_losses(head, targets: Targets, prefix=""):
     """The FCOS loss of one branch: focal / N_pos, GIoU weighted by centre-ness / sum of centre-ness,
     centre-ness BCE / N_pos. N_pos and the centre-ness sum are averaged over processes (floors 1 and 1e-6);
     every process issues the same all-reduce even with zero positives, so DDP cannot hang.
-    head: fcos_head.HeadOutputs (B x L x K, B x L x 4, B x L); returns {prefix+"loss_cls", ...}.
+    head: fcos_head.HeadOutputs (B x L x K, B x L x 4, B x L); returns {prefix+"loss_cls", ...}, and
+    prefix+"loss_mask" (meinst.mask_loss, MEInst's MSE on the code) when the head has a mask output.
     """
     cls, box, ctr = head.cls_logits, head.box_regression, head.centerness
     pos = targets.pos
@@ -195,16 +206,25 @@ def fcos_losses(head, targets: Targets, prefix=""):
     safe_ltrb = torch.where(pos[..., None], targets.ltrb, 1.0)  # a finite dummy target off the positives
     loss_box = giou_loss_ltrb(box.float(), safe_ltrb, ctr_t) / ctr_sum
     loss_ctr = (F.binary_cross_entropy_with_logits(ctr.float(), ctr_t, reduction="none") * pos).sum() / num_pos
-    return {f"{prefix}loss_cls": loss_cls, f"{prefix}loss_box": loss_box, f"{prefix}loss_ctr": loss_ctr}
+    losses = {f"{prefix}loss_cls": loss_cls, f"{prefix}loss_box": loss_box, f"{prefix}loss_ctr": loss_ctr}
+    if head.mask_codes is not None:
+        if targets.mask_codes is None:
+            raise ValueError("the head has a mask output but the targets hold no mask codes (fcos_targets' mask_code)")
+        losses[f"{prefix}loss_mask"] = mask_loss(head.mask_codes, targets.mask_codes, ctr_t, norms[1])
+    return losses
 
 
 class FCOSLoss:
     """L_FCOS of a single-branch model (the HR detector, or the student's detection term, MSAD Sec. 3.4).
 
     callable(outputs, batch, iteration) with outputs {branch: models.BranchOutputs} of one branch and batch an
-    ImageBatch (its targets in HR pixels) -> {"loss_cls", "loss_box", "loss_ctr"}, scalars.
+    ImageBatch (its targets in HR pixels) -> {"loss_cls", "loss_box", "loss_ctr"} (and "loss_mask" with a mask
+    branch, whose masks.MaskCode is `mask_code`), scalars.
     """
+
+    def __init__(self, mask_code=None):
+        self.mask_code = mask_code
 
     def __call__(self, outputs: dict, batch, iteration: int = 0) -> dict:
         (out,) = outputs.values()
-        return fcos_losses(out.head, fcos_targets(out.geometry, batch.targets))
+        return fcos_losses(out.head, fcos_targets(out.geometry, batch.targets, self.mask_code))

@@ -111,6 +111,11 @@ class MaskCode(nn.Module):
         self.register_buffer("variances", variances.float())
         self.register_buffer("mean", mean.float())
 
+    @classmethod
+    def empty(cls, dim: int = DIM_MASK, size: int = MASK_SIZE) -> "MaskCode":
+        """A basis of the right shapes, all zeros: the place in a model that a fitted or loaded one is copied into."""
+        return cls(torch.zeros(dim, size * size), torch.zeros(dim), torch.zeros(size * size))
+
     @property
     def size(self) -> int:
         return int(round(self.mean.numel() ** 0.5))

@@ -17,8 +17,11 @@ from .decode import RULES
 from .fcos_head import FCOSHead, HeadOutputs
 from .fpn import FPN
 from .fusion import CrossFeatureFusion
+from .masks import DIM_MASK, MaskCode
+from .meinst import MASK_HEADS
 
 KINDS = ("fcos", "student", "teacher")
+MASK_KEYS = ("head.mask_pred.", "mask_code.")  # a mask branch's tensors (msad/meinst.py)
 
 
 @dataclass
@@ -35,6 +38,8 @@ class ModelConfig:
     low_res_mode: str = "nearest"
     fusion: bool = True
     cff_hidden: int = 0  # C-FF gate hidden width; 0 = fpn_channels / 8 (released)
+    mask_head: str = "none"  # "meinst": MEInst's mask code as one more head output (msad/meinst.py)
+    mask_dim: int = DIM_MASK  # D, the length of that code (the fitted basis' components)
     score_thresh: float = 0.05
     pre_nms_top_n: int = 1000
     nms_thresh: float = 0.6
@@ -88,7 +93,13 @@ class FCOS(nn.Module):
             raise ValueError(f"decode_rule must be one of {RULES}, got {cfg.decode_rule!r}")
         self.backbone = ResNetTrunk(cfg.depth, cfg.norm, cfg.width, cfg.freeze_at, cfg.stride_in_1x1)
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, fpn_levels or self.levels, cfg.p6_from)
-        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, cfg.head_convs, len(align.HR_LEVELS))
+        if cfg.mask_head not in MASK_HEADS:
+            raise ValueError(f"--mask-head must be one of {', '.join(MASK_HEADS)}, got {cfg.mask_head!r}")
+        masks = cfg.mask_head == "meinst"
+        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, cfg.head_convs, len(align.HR_LEVELS),
+                             mask_dim=cfg.mask_dim if masks else 0)
+        if masks:  # the PCA basis of the code, as buffers: fitted or loaded before training, saved with the weights
+            self.mask_code = MaskCode.empty(cfg.mask_dim)
 
     def pyramid(self, x: torch.Tensor, levels) -> list:
         """FPN levels `levels` of a normalised batch."""
@@ -187,21 +198,23 @@ def init_backbone(model: nn.Module, weights_path: str | None) -> None:
         load_imagenet_weights(model.backbone, weights_path)
 
 
-def load_partial(model: nn.Module, state: dict, source: str, prefixes=("backbone.", "fpn.", "head."),
+def load_partial(model: nn.Module, state: dict, source: str, prefixes=("backbone.", "fpn.", "head.", "mask_code."),
                  new=(), remedy="use --init imagenet or --init scratch for a different backbone") -> dict:
     """Copy `state` into every parameter/buffer of `model` under `prefixes`: teacher -> student (Sec. 3.4), or
     a trained HR detector -> teacher (train_teacher.py --init-from, with new=the P2 lateral and output).
 
     Every such tensor of the model must exist in `state` with the same shape, except those starting with one
     of `new` (left at their initial values); the source backbone and head must have no tensors the model lacks
-    (a deeper ResNet would otherwise load silently, truncated); extra FPN keys (the teacher's P7 conv) and keys
-    outside `prefixes` (its fusion module) are ignored. Mismatches are one clear error listing the keys.
+    (a deeper ResNet would otherwise load silently, truncated); extra FPN keys (the teacher's P7 conv), a mask
+    branch the model lacks (MASK_KEYS: a box-only student of a mask teacher) and keys outside `prefixes` (its fusion
+    module) are ignored. Mismatches are one clear error listing the keys.
     Returns {"loaded": [...], "new": [...]} (the model's keys).
     """
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     fresh = sorted(k for k in own if k not in state and any(k.startswith(n) for n in new))
     missing = sorted(k for k in own if k not in state and k not in fresh)
-    unexpected = sorted(k for k in state if k.startswith(prefixes) and not k.startswith("fpn.") and k not in own)
+    unexpected = sorted(k for k in state if k.startswith(prefixes) and not k.startswith(("fpn.", *MASK_KEYS))
+                        and k not in own)
     shape = sorted(f"{k} {tuple(own[k].shape)} vs {tuple(state[k].shape)}" for k in own
                    if k in state and own[k].shape != state[k].shape)
     if missing or unexpected or shape:

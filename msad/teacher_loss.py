@@ -14,13 +14,16 @@ class TeacherLoss:
 
     outputs: {branch: models.BranchOutputs} of MultiScaleTeacher, branches hr, lr and (with C-FF) fused;
     batch: an ImageBatch, its targets in HR pixels. Every term of the fused branch is scaled by `fused_weight`.
+    With a mask branch (`mask_code`, the teacher's masks.MaskCode) each branch also has its "loss_mask", on the
+    same mask targets.
     """
 
-    def __init__(self, fused_weight: float = FUSED_WEIGHT):
-        self.fused_weight = fused_weight
+    def __init__(self, fused_weight: float = FUSED_WEIGHT, mask_code=None):
+        self.fused_weight, self.mask_code = fused_weight, mask_code
 
     def __call__(self, outputs: dict, batch, iteration: int = 0) -> dict:
-        targets = fcos_targets(outputs["hr"].geometry, batch.targets)  # computed once, reused by every branch
+        # computed once (box and mask targets), reused by every branch
+        targets = fcos_targets(outputs["hr"].geometry, batch.targets, self.mask_code)
         losses = {}
         for branch, out in outputs.items():
             weight = self.fused_weight if branch == "fused" else 1.0
