@@ -87,7 +87,10 @@ def main(argv=None):
     args = with_categories(args, train_set)
     runner.checked_val_set(args, (train_set.cat_ids, train_set.class_names))
 
-    # model: the LR student (FCOS on P2-P6 of the half-size image), initialised from the teacher or ImageNet
+    # model: the LR student (FCOS on P2-P6 of the half-size image), initialised from the teacher or ImageNet; a mask
+    # branch's code basis is the teacher's
+    resumed = runner.resumed_args(flags) is not None
+    args, code = runner.mask_basis(args, info, teacher_ckpt["model"] if teacher_ckpt else None, resumed)
     student = build_model("student", model_config(args))
     if teacher_ckpt is not None and teacher_ckpt["args"]["num_classes"] != train_set.num_classes:
         raise SystemExit(f"error: {args.teacher} was trained on {teacher_ckpt['args']['num_classes']} classes, "
@@ -96,6 +99,8 @@ def main(argv=None):
         load_partial(student, teacher_ckpt["model"], args.teacher)
     elif args.init == "imagenet":
         init_backbone(student, args.backbone_weights)
+    if code is not None:
+        student.mask_code.load_state_dict(code.state_dict())
     student = runner.prepare_model(student, args, info)
 
     # what trains: the student and, for a thinner student, the 1x1 adapters (saved in checkpoint.pth under
@@ -113,7 +118,7 @@ def main(argv=None):
     kd = FeatureDistillation(args.kd_weight, args.kd_warmup, args.kd_loss, args.kd_norm) if features else None
     kd_out = (OutputDistillation(args.kd_outputs, args.kd_gamma, args.kd_output_terms, args.kd_warmup)
               if args.kd_outputs > 0 else None)
-    criterion = DistillationLoss(teacher, kd, kd_out, probe)
+    criterion = DistillationLoss(teacher, kd, kd_out, probe, getattr(student, "mask_code", None))
 
     # optimizer and lr schedule: the student's and the adapters' parameters
     optimizer, scheduler = runner.optimizer_and_schedule(trainable, args)

@@ -20,7 +20,7 @@ from msad.checkpoint import load_checkpoint
 from msad.cli import model_config, parse, resolve, run_script, show_preset_values, training_parser, with_categories
 from msad.decode import Detector
 from msad.fcos_loss import FCOSLoss
-from msad.models import build_model, default_branch, init_backbone, load_partial
+from msad.models import MASK_KEYS, build_model, default_branch, init_backbone, load_partial
 from msad.teacher_loss import FUSED_WEIGHT, TeacherLoss
 
 NEW_IN_TEACHER = ("fpn.lateral.p2.", "fpn.output.p2.")  # P2 (the LR branch's first level), absent from a P3-P7 FCOS
@@ -57,7 +57,7 @@ def init_from_detector(model, args, init: dict, train_set) -> None:
     if list(source.get("cat_ids") or range(source["num_classes"])) != list(train_set.cat_ids):
         raise ValueError(f"--init-from {args.init_from} detects {source['num_classes']} classes with other category "
                          f"ids than the training data's {train_set.num_classes}; train on the same categories")
-    report = load_partial(model, init["model"], f"--init-from {args.init_from}", new=NEW_IN_TEACHER,
+    report = load_partial(model, init["model"], f"--init-from {args.init_from}", new=NEW_IN_TEACHER + MASK_KEYS,
                           remedy="give the detector's --backbone / --width / --fpn-channels / --head-convs, or none")
     fresh = report["new"] + [k for k in model.state_dict() if k.startswith("fusion.")]
     print(f"init-from {args.init_from}: loaded {len(report['loaded'])} tensors (backbone, FPN P3-P7, head); "
@@ -69,7 +69,8 @@ def main(argv=None):
     flags = parse_args(argv)
     kind = "teacher" if flags.mode == "aligned" else "fcos"
     init = load_init(flags)
-    source = runner.resumed_args(flags) or (init["args"] if init else None)
+    resumed = runner.resumed_args(flags)
+    source = resumed or (init["args"] if init else None)
     args = resolve(flags, "teacher" if kind == "teacher" else "fcos", source)
 
     # the output folder (refusal to replace a run, lock), the processes, the data root: before any work
@@ -82,17 +83,21 @@ def main(argv=None):
     args = with_categories(args, train_set)
     runner.checked_val_set(args, (train_set.cat_ids, train_set.class_names))
 
-    # model: the teacher (HR P3-P7 + LR P2-P6 + C-FF) or vanilla FCOS; DDP around it
+    # model: the teacher (HR P3-P7 + LR P2-P6 + C-FF) or vanilla FCOS, with --mask-head its mask code's basis; DDP
+    args, code = runner.mask_basis(args, info, init["model"] if init else None, resumed=resumed is not None)
     model = build_model(kind, model_config(args))
     if init is not None:
         init_from_detector(model, args, init, train_set)
     else:
         init_backbone(model, args.backbone_weights)
+    if code is not None:
+        model.mask_code.load_state_dict(code.state_dict())
     model = runner.prepare_model(model, args, info)
     model_ddp = runner.ddp(model, info)
 
     # the loss: L_HR + L_LR + 0.4 L_fused (Sec. 3.2), or FCOS's own; optimizer and lr schedule
-    criterion = TeacherLoss(args.fused_weight) if kind == "teacher" else FCOSLoss()
+    mask_code = getattr(model, "mask_code", None)
+    criterion = TeacherLoss(args.fused_weight, mask_code) if kind == "teacher" else FCOSLoss(mask_code)
     optimizer, scheduler = runner.optimizer_and_schedule(model, args)
 
     # the loop: losses = criterion(model_ddp(batch.images), batch, iteration); checkpoints, resume, log.jsonl

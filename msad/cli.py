@@ -19,6 +19,7 @@ from .checkpoint import WriteError
 from .dist import check_batch_size
 from .engine import AMP_DTYPES
 from .distill import KD_WARMUP, KD_WEIGHT
+from .meinst import MASK_HEADS
 from .models import ModelConfig
 from .outdir import test_write
 
@@ -30,7 +31,7 @@ PRESETS = {
                        fpn_channels=256, head_convs=4, train_sizes=COCO_SIZES, max_size=1333, test_size=800,
                        backbone_weights="weights/resnet50.pth", warmup_iters=500, p6_from="c5",
                        low_res_mode="nearest", checkpoint_period=5000,
-                       eval_batch_size=8, workers=4, cff_hidden=0),
+                       eval_batch_size=8, workers=4, cff_hidden=0, mask_head="none"),
         # Released MSAD teachers: batch 8, lr 0.01, 180k iterations, steps at 120k and 160k.
         "teacher": dict(batch_size=8, lr=0.01, iters=180000, steps=(120000, 160000)),
         # Students (and the 1x FCOS baselines): batch 16, lr 0.01, 90k iterations, steps at 60k and 80k.
@@ -42,7 +43,7 @@ PRESETS = {
         "common": dict(data_root="data/synthetic", backbone="resnet18", width=0.25, norm="gn", freeze_at=0,
                        fpn_channels=32, head_convs=2, train_sizes=(224, 240, 256), max_size=400, test_size=256,
                        backbone_weights=None, warmup_iters=100, p6_from="c5", low_res_mode="nearest",
-                       checkpoint_period=100, eval_batch_size=16, workers=1, cff_hidden=16),
+                       checkpoint_period=100, eval_batch_size=16, workers=1, cff_hidden=16, mask_head="none"),
         # 800 iterations: the teacher must be the better model, or distilling from it costs AP (docs/results.md),
         # and the two quick-start commands must stay within 8 minutes on 2 CPU cores
         "teacher": dict(batch_size=8, lr=0.02, iters=800, steps=(600, 740)),
@@ -86,6 +87,10 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--p6-from", choices=("c5", "p5"), help="P6 source: c5 (released MSAD, default) or p5 (FCOS)")
     g.add_argument("--low-res-mode", choices=LR_MODES,
                    help="how the half-size image is made from the padded HR batch (default nearest, as released)")
+    g.add_argument("--mask-head", choices=MASK_HEADS,
+                   help="meinst: instance masks, MEInst's mask code as one more head output (a student takes its teacher's)")
+    g.add_argument("--mask-codes", metavar="FILE", help="the mask code's PCA basis (python -m msad.masks fit); default: "
+                   "the teacher's, or fitted on the training json at start")
 
 
 def add_train_args(p: argparse.ArgumentParser, default_output: str):
@@ -160,7 +165,8 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 
 
 # The architecture a model started from a checkpoint takes from it, unless given on the command line ...
-ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "low_res_mode")
+ARCH_KEYS = ("backbone", "width", "norm", "freeze_at", "fpn_channels", "head_convs", "p6_from", "low_res_mode",
+             "mask_head", "mask_dim")
 # ... and the options of converted public weights (msad/convert.py), which have no flags: always taken.
 CONVERTED_KEYS = ("stride_in_1x1", "center_offset")
 

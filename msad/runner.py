@@ -5,6 +5,7 @@ configuration, the final evaluation and the metrics line.
 The scripts call them in order, so each reads top to bottom (configuration, output folder, processes, data,
 model, loss, optimizer, loop, evaluation).
 """
+import argparse
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import dist, engine, outdir, samplers
+from . import dist, engine, masks, outdir, samplers
 from .align import HR_PAD
 from .checkpoint import CHECKPOINT, load_checkpoint, write_json_atomic
 from .outdir import FINAL
@@ -118,18 +119,52 @@ def check_data_root(args, info: dist.DistInfo, training: bool = True) -> None:
               file=sys.stderr)
 
 
+def has_masks(args) -> bool:
+    """Whether the configured model has a mask branch (--mask-head meinst, or a checkpoint's)."""
+    return getattr(args, "mask_head", None) == "meinst"
+
+
 def train_dataset(args) -> CocoDetection:
-    """The training set (its categories go into the configuration: cli.with_categories)."""
+    """The training set (its categories go into the configuration: cli.with_categories), with each object's mask in
+    its box for a model with a mask branch (a json without segmentation is then one line naming it)."""
     ann, images = data_paths(args, "train")
-    return CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size)
+    return CocoDetection(ann, images, train=True, sizes=args.train_sizes, max_size=args.max_size, masks=has_masks(args))
 
 
 def val_dataset(args) -> CocoDetection:
+    """The val set; for a mask model its json must hold segmentations (COCOeval segm reads them from it)."""
     ann, images = data_paths(args, "val")
-    dataset = CocoDetection(ann, images, train=False, sizes=(args.test_size,), max_size=args.max_size)
+    dataset = CocoDetection(ann, images, train=False, sizes=(args.test_size,), max_size=args.max_size,
+                            masks=has_masks(args))
     if args.max_images:
         dataset.image_ids = dataset.image_ids[: args.max_images]
     return dataset
+
+
+def mask_basis(args, info: dist.DistInfo, state: dict | None = None, resumed: bool = False):
+    """(the configuration with the code's length `mask_dim`, the masks.MaskCode to copy into the model) of a model
+    with a mask branch; (args, None) without one, and for a --resume of a started run (its checkpoint holds it).
+
+    The basis is, in order: the one in `state` (the teacher's weights for a student, an --init-from detector's),
+    --mask-codes, or fitted at start on the training json's masks (rank 0 fits, every rank gets its result), so
+    every later stage and evaluate.py use the same basis."""
+    if not has_masks(args) or resumed:
+        return args, None
+    if state is not None and "mask_code.components" in state:
+        code, origin = masks.MaskCode(*(state[f"mask_code.{k}"] for k in ("components", "variances", "mean"))), "the source weights"
+    elif args.mask_codes:
+        code, origin = masks.load(args.mask_codes), args.mask_codes
+    else:
+        ann = data_paths(args, "train")[0]
+        fitted = None
+        if info.is_main:
+            code = masks.fit(masks.annotation_masks(ann), generator=torch.Generator().manual_seed(args.seed))
+            fitted = code.state_dict()
+        fitted = dist.all_gather_objects(fitted)[0]
+        code, origin = masks.MaskCode(fitted["components"], fitted["variances"], fitted["mean"]), f"fitted on {ann}"
+    if info.is_main:
+        print(f"mask code: {code.components.shape[0]} components of {code.size}x{code.size} masks, {origin}", flush=True)
+    return argparse.Namespace(**{**vars(args), "mask_dim": code.components.shape[0]}), code
 
 
 def prepare_model(model: torch.nn.Module, args, info: dist.DistInfo) -> torch.nn.Module:
