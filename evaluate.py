@@ -1,4 +1,5 @@
-"""COCO box AP of any MSAD checkpoint, or of an existing detections file (paper Tables 1-4 use COCO val2017).
+"""COCO box AP of any MSAD checkpoint, or of an existing detections file (paper Tables 1-4 use COCO val2017), and
+mask AP (mask_AP, ...) beside it for a model with a mask branch or a results file with segmentations.
 
     python evaluate.py                                                    # the demo student
     python evaluate.py --checkpoint runs/coco_student/model_final.pth     # student, 400 px (HR test size 800)
@@ -25,12 +26,12 @@ from msad.cost import model_cost
 from msad.decode import Detector
 from msad.engine import AMP_DTYPES
 from msad.export import load_exported
-from msad.evaluation import (canvas_multiple, check_categories, check_results, coco_evaluate, detect_images, evaluate,
-                             load_results)
+from msad.evaluation import (canvas_multiple, check_categories, check_results, coco_metrics, detect_images, evaluate,
+                             has_segmentation, load_results)
 from msad.models import checkpoint_categories, model_from_checkpoint
 
 DEFAULT_CHECKPOINT = "runs/student/model_final.pth"  # where the demo's train_student.py writes the student
-DATA_KEYS = ("preset", "data_root", "val_ann", "val_images", "test_size", "max_size")
+DATA_KEYS = ("preset", "data_root", "val_ann", "val_images", "test_size", "max_size", "mask_head")
 
 
 def parse_args(argv=None):
@@ -66,7 +67,8 @@ def evaluate_file(args) -> dict:
                          f"--detections against")
     results = load_results(args.detections)
     check_results(results, args.detections, gt)
-    return coco_evaluate(gt.coco, results, gt.image_ids) | {"images": len(gt.image_ids), "detections": args.detections}
+    return (coco_metrics(gt.coco, results, gt.image_ids, masks=has_segmentation(results))
+            | {"images": len(gt.image_ids), "detections": args.detections})
 
 
 def detect_folder(args, info, model, ckpt, pad: int) -> dict | None:

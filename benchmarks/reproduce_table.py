@@ -6,7 +6,8 @@ import threading
 import time
 
 METRICS = ("AP", "AP50", "APs", "APm", "APl")
-KEEP = METRICS + ("params_m", "gflops", "cff_weights", "diagnostics")
+MASK_METRICS = tuple(f"mask_{m}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl"))  # a model with masks
+KEEP = METRICS + MASK_METRICS + ("params_m", "gflops", "cff_weights", "diagnostics")
 LABELS = {
     "fcos_hr": "FCOS, HR train / HR test",
     "fcos_lr": "FCOS, LR train / LR test (naive low-res)",

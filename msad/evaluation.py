@@ -19,6 +19,7 @@ from .align import HR_PAD
 from .coco import _column, _int_ids, load_json_file
 from .checkpoint import write_json_atomic
 from .engine import AMP_DTYPES
+from .meinst import encode_rle, paste_masks
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -61,40 +62,55 @@ def canvas_multiple(ckpt: dict) -> int:
     return int(pad) if pad and (ckpt["kind"] == "fcos" or int(pad) % HR_PAD == 0) else HR_PAD
 
 
-def to_coco_results(detections, image_ids, cat_ids, scored_ids=None):
-    """Per-image detections (xyxy, original pixels, contiguous labels) -> COCO results (xywh, category ids).
+def image_masks(det: dict, size) -> list | None:
+    """The RLEs of one image's detected masks, pasted at its original size `size` (h, w); None without masks."""
+    if "masks" not in det:
+        return None
+    return encode_rle(paste_masks(det["masks"], det["boxes"], size))
+
+
+def to_coco_results(detections, image_ids, sizes, cat_ids, scored_ids=None):
+    """Per-image detections (xyxy, original pixels, contiguous labels) -> COCO results (xywh, category ids), with
+    each detection's mask as an RLE "segmentation" (at the original size, `sizes` (h, w) per image) when the model
+    has masks.
 
     cat_ids: the model's category id of each label; detections of ids outside `scored_ids` (the json's, when
     the model knows more categories than the json) are left out."""
     lookup = np.asarray(cat_ids, dtype=np.int64)
     results = []
-    for det, image_id in zip(detections, image_ids):
+    for det, image_id, size in zip(detections, image_ids, sizes):
+        cats = lookup[det["labels"].cpu().numpy()]
+        if scored_ids is not None:
+            det = {k: v[torch.from_numpy(np.isin(cats, list(scored_ids))).to(v.device)] for k, v in det.items()}
+            cats = cats[np.isin(cats, list(scored_ids))]
         boxes = det["boxes"].float().cpu()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        cats = lookup[det["labels"].cpu().numpy()].tolist()
-        results += [{"image_id": int(image_id), "category_id": int(c), "bbox": [round(v, 2) for v in b],
-                     "score": round(float(s), 5)} for b, c, s in zip(xywh, cats, det["scores"].cpu().tolist())
-                    if scored_ids is None or c in scored_ids]
+        rles = image_masks(det, size)
+        for i, (b, c, s) in enumerate(zip(xywh, cats.tolist(), det["scores"].cpu().tolist())):
+            results.append({"image_id": int(image_id), "category_id": int(c), "bbox": [round(v, 2) for v in b],
+                            "score": round(float(s), 5)} | ({"segmentation": rles[i]} if rles is not None else {}))
     return results
 
 
-def to_image_entries(detections, image_ids, file_names, cat_ids, class_names):
-    """Per-image detections -> one entry per image: file name, boxes (xyxy, original pixels), scores, and the
-    checkpoint's category ids and names (evaluate.py --images). image_ids index file_names."""
+def to_image_entries(detections, image_ids, sizes, file_names, cat_ids, class_names):
+    """Per-image detections -> one entry per image: file name, boxes (xyxy, original pixels), scores, the
+    checkpoint's category ids and names, and for a mask model "masks", one RLE per box (evaluate.py --images).
+    image_ids index file_names."""
     entries = []
-    for det, image_id in zip(detections, image_ids):
+    for det, image_id, size in zip(detections, image_ids, sizes):
         labels = det["labels"].cpu().numpy()
+        rles = image_masks(det, size)
         entries.append({"image_id": int(image_id), "file_name": file_names[image_id],
                         "boxes": [[round(v, 2) for v in b] for b in det["boxes"].float().cpu().tolist()],
                         "scores": [round(v, 5) for v in det["scores"].float().cpu().tolist()],
                         "category_ids": [cat_ids[k] for k in labels],
-                        "category_names": [class_names[k] for k in labels]})
+                        "category_names": [class_names[k] for k in labels]} | ({"masks": rles} if rles is not None else {}))
     return entries
 
 
 @torch.no_grad()
 def inference(model, loader, device, convert, amp: str = "none", min_score: float = 0.0):
-    """This process's results, convert(detections, image_ids) per batch, the image ids it evaluated, and its
+    """This process's results, convert(detections, image_ids, original sizes) per batch, the image ids it evaluated, and its
     first batch (None if none was readable), on which the caller counts the model's cost (cost.model_cost):
     kept, not read again, so no image is decoded, or warned about, twice.
 
@@ -113,7 +129,7 @@ def inference(model, loader, device, convert, amp: str = "none", min_score: floa
             detections = model(batch)
         if min_score > 0:
             detections = [{k: v[d["scores"] >= min_score] for k, v in d.items()} for d in detections]
-        results += convert(detections, batch.image_ids)
+        results += convert(detections, batch.image_ids, batch.orig_sizes)
         image_ids += list(batch.image_ids)
     return results, image_ids, first
 
@@ -140,12 +156,19 @@ def _remove(path) -> None:
         os.remove(path)
 
 
-def coco_evaluate(coco_gt, results, image_ids=None, verbose: bool = True) -> dict:
-    """COCOeval bbox on `results`; returns AP, AP50, AP75, APs, APm, APl in percent (0 when nothing detected)."""
+def coco_evaluate(coco_gt, results, image_ids=None, verbose: bool = True, iou_type: str = "bbox") -> dict:
+    """COCOeval of `results` (iou_type bbox, or segm on their "segmentation"); returns AP, AP50, AP75, APs, APm,
+    APl in percent (0 when nothing detected), prefixed "mask_" for segm.
+
+    For segm the boxes are left out of the results, so that COCOeval takes each detection's area (for APs, APm,
+    APl) from its mask, not its box (as detectron2 does); crowd regions are COCOeval's own (ignored)."""
+    prefix = "mask_" if iou_type == "segm" else ""
     if not results:
-        return {name: 0.0 for name in METRIC_NAMES}
+        return {prefix + name: 0.0 for name in METRIC_NAMES}
+    if iou_type == "segm":
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     coco_dt = coco_gt.loadRes(results)
-    ev = COCOeval(coco_gt, coco_dt, "bbox")
+    ev = COCOeval(coco_gt, coco_dt, iou_type)
     if image_ids is not None:
         ev.params.imgIds = sorted(set(image_ids))
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
@@ -154,7 +177,13 @@ def coco_evaluate(coco_gt, results, image_ids=None, verbose: bool = True) -> dic
         ev.accumulate()
         ev.summarize()  # prints the standard 12-number summary
     # COCOeval gives -1 where the ground truth has no object of a size (e.g. no large ones): null, not -100
-    return {name: round(100 * float(v), 3) if v >= 0 else None for name, v in zip(METRIC_NAMES, ev.stats[:6])}
+    return {prefix + name: round(100 * float(v), 3) if v >= 0 else None for name, v in zip(METRIC_NAMES, ev.stats[:6])}
+
+
+def coco_metrics(coco_gt, results, image_ids=None, masks: bool = False) -> dict:
+    """Box metrics (AP, ...) and, for results with masks, mask metrics (mask_AP, ...) beside them."""
+    metrics = coco_evaluate(coco_gt, results, image_ids)
+    return metrics | (coco_evaluate(coco_gt, results, image_ids, iou_type="segm") if masks else {})
 
 
 def evaluate(model, loader, dataset, device, output_dir=None, amp="none", min_score=0.0, cat_ids=None):
@@ -172,7 +201,8 @@ def evaluate(model, loader, dataset, device, output_dir=None, amp="none", min_sc
         print(f"{dataset.ann_file} has no annotations: no ground truth to score, detections written"
               f"{' to ' + os.path.join(output_dir, 'detections.json') if output_dir else ''}", flush=True)
         return {"images": len(image_ids), "ground_truth": False}, first
-    return coco_evaluate(dataset.coco, results, image_ids) | {"images": len(image_ids)}, first
+    masks = getattr(model, "masks", False)
+    return coco_metrics(dataset.coco, results, image_ids, masks) | {"images": len(image_ids)}, first
 
 
 def detect_images(model, loader, dataset, device, categories, output_dir=None, amp="none", min_score=0.0):
@@ -194,24 +224,49 @@ def detect_images(model, loader, dataset, device, categories, output_dir=None, a
 
 
 def load_results(path: str) -> list:
-    """A COCO results file (list of {image_id, category_id, bbox [x, y, w, h], score}), checked field by field;
-    every problem is one ValueError naming --detections, the file and the detection."""
+    """A COCO results file (list of {image_id, category_id, bbox [x, y, w, h], score}, or with "segmentation", an RLE
+    or polygons, in place of or beside the box), checked field by field; every problem is one ValueError naming
+    --detections, the file and the detection."""
     where = f"--detections {path}"
     results = load_json_file(path, where)
     if not isinstance(results, list):
         raise ValueError(f"{where}: expected a JSON list of detections")
     for i, r in enumerate(results):
-        missing = [k for k in ("image_id", "category_id", "bbox", "score") if not isinstance(r, dict) or k not in r]
+        missing = [k for k in ("image_id", "category_id", "score") if not isinstance(r, dict) or k not in r]
+        if not missing and "bbox" not in r and "segmentation" not in r:
+            missing = ["bbox (or segmentation)"]
         if missing:
             raise ValueError(f"{where}: detections[{i}] lacks {', '.join(missing)}")
-        if not isinstance(r["bbox"], list) or len(r["bbox"]) != 4:
+        if "bbox" in r and (not isinstance(r["bbox"], list) or len(r["bbox"]) != 4):
             raise ValueError(f"{where}: detections[{i}] field 'bbox' must be a list [x, y, w, h], got {r['bbox']!r}")
+    if len({("bbox" in r, "segmentation" in r) for r in results}) > 1:
+        raise ValueError(f"{where}: every detection must have the same fields (bbox, segmentation or both); "
+                         f"detections[0] has {', '.join(k for k in ('bbox', 'segmentation') if k in results[0])}")
     return results
+
+
+def has_segmentation(results: list) -> bool:
+    return bool(results) and "segmentation" in results[0]
+
+
+def _check_segmentation(seg, i: int, size, where: str) -> None:
+    """An RLE ({"size": [h, w], "counts": ...}) of its image's size, or a list of polygons (lists of x, y)."""
+    if isinstance(seg, dict):
+        if not ("counts" in seg and isinstance(seg.get("size"), list) and len(seg["size"]) == 2):
+            raise ValueError(f"{where}: detections[{i}] field 'segmentation' must be an RLE with 'size' [h, w] and "
+                             f"'counts', or a list of polygons")
+        if [int(v) for v in seg["size"]] != list(size):
+            raise ValueError(f"{where}: detections[{i}] segmentation size {seg['size']} is not its image's {list(size)}")
+    elif not (isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                                                   and all(type(v) in (int, float) for v in p) for p in seg)):
+        raise ValueError(f"{where}: detections[{i}] field 'segmentation' must be an RLE with 'size' [h, w] and "
+                         f"'counts', or a list of polygons of at least 3 points (x, y, ...)")
 
 
 def check_results(results: list, path: str, gt) -> None:
     """Every detection names an image and a category of the ground truth `gt` (a CocoDetection), with
-    integer ids and finite numbers as score and box; else one ValueError naming the detection and field."""
+    integer ids and finite numbers as score and box, and a segmentation of its image's size; else one ValueError
+    naming the detection and field."""
     where = f"--detections {path}"
     if not results:
         return
@@ -221,11 +276,14 @@ def check_results(results: list, path: str, gt) -> None:
         if unknown.size:
             raise ValueError(f"{where}: detections[{unknown[0]}] has {key} {ids[unknown[0]]}, "
                              f"which is not in {gt.ann_file}")
-    for key in ("score", "bbox"):
+    for key in ("score", "bbox") if "bbox" in results[0] else ("score",):
         values = _column(results, key, object, where, "detections").reshape(len(results), -1)  # N x 1 or N x 4
         ok = np.fromiter((type(v) in (int, float) and math.isfinite(v) for v in values.ravel()), dtype=bool,
                          count=values.size).reshape(values.shape).all(axis=1)
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
             raise ValueError(f"{where}: detections[{i}] field '{key}' must hold finite numbers, got {results[i][key]!r}")
-
+    if has_segmentation(results):
+        sizes = {img["id"]: (img["height"], img["width"]) for img in gt.coco.dataset["images"]}
+        for i, r in enumerate(results):
+            _check_segmentation(r["segmentation"], i, sizes[int(r["image_id"])], where)

@@ -10,11 +10,12 @@ to, MSAD Sec. 3.1) of at least 256, with the image top-left in it, and `size`, i
 (an int64 tensor [2]). It normalises the image, runs the detector at its own resolution (the student and the
 teacher's LR branch halve the canvas themselves), decodes and runs class-wise NMS (msad/decode.py), and
 returns boxes [n, 4] (x0, y0, x1, y1 in the canvas' pixels, clipped to `size`), scores [n] and labels [n]
-(contiguous; the category ids and names are in the file's metadata). H and W are dynamic. Nothing but torch
-and torchvision (for the NMS kernel) is needed to run it:
+(contiguous; the category ids and names are in the file's metadata), and for a model with a mask branch masks
+[n, 28, 28], each detection's mask probabilities inside its box (msad.meinst.paste_masks puts them in the image).
+H and W are dynamic. Nothing but torch and torchvision (for the NMS kernel) is needed to run it:
 
     program = torch.export.load("student.pt2").module()
-    boxes, scores, labels = program(image, torch.tensor([h, w]))
+    boxes, scores, labels = program(image, torch.tensor([h, w]))      # a mask model: boxes, scores, labels, masks
 
 An `.onnx` output (or --format onnx) is the same program for ONNX Runtime (msad/onnx_export.py).
 
@@ -58,13 +59,14 @@ class Deployable(nn.Module):
 
     def forward(self, image: torch.Tensor, size: torch.Tensor):
         model, branch = self.detector.model, self.detector.branch
+        code = getattr(model, "mask_code", None)
         if not self.low_input:
-            out = model(image[None], (branch,))[branch]  # head: 1 x L x K, 1 x L x 4, 1 x L
-            return decode_head(out.head.image(0), out.geometry, size, **self.detector.options)
+            out = model(image[None], (branch,))[branch]  # head: 1 x L x K, 1 x L x 4, 1 x L (, 1 x L x D)
+            return decode_head(out.head.image(0), out.geometry, size, code, **self.detector.options)
         feats = model.pyramid(normalize(image[None]), align.branch_levels(0.5))  # P2..P6 of the half-size canvas
         out = model.outputs({branch: feats})[branch]  # its grid in the HR frame, twice the canvas' pixels
-        boxes, scores, labels = decode_head(out.head.image(0), out.geometry, size * 2, **self.detector.options)
-        return boxes / 2, scores, labels
+        boxes, *rest = decode_head(out.head.image(0), out.geometry, size * 2, code, **self.detector.options)
+        return boxes / 2, *rest  # masks are box-relative: unchanged
 
 
 def check_canvas(height: int, width: int, min_side: int = MIN_SIDE, scale: int = 1) -> None:
@@ -127,6 +129,7 @@ class ProgramDetector(nn.Module):
         self.path, self.meta = path, meta
         self.branch = meta["branch"] or default_branch(meta["kind"], ModelConfig.from_dict(meta["args"]))
         self.scale = INPUTS[meta.get("input", "full")]  # 2: it takes the half-size canvas
+        self.masks = meta["args"].get("mask_head") == "meinst"  # its fourth output: masks [n, 28, 28]
 
     def to_device(self, device: torch.device, branch: str | None = None) -> "ProgramDetector":
         """On `device`; `branch`, if given, must be the exported one."""
@@ -141,7 +144,7 @@ class ProgramDetector(nn.Module):
         return self
 
     def run(self, image: torch.Tensor, size: torch.Tensor):
-        """boxes, scores, labels of one canvas [3, H, W] (uint8) whose image is `size` (h, w)."""
+        """boxes, scores, labels (and masks) of one canvas [3, H, W] (uint8) whose image is `size` (h, w)."""
         raise NotImplementedError
 
     def forward(self, batch):
@@ -149,8 +152,9 @@ class ProgramDetector(nn.Module):
         results = []
         for image, (h, w), orig in zip(batch.images, batch.image_sizes, batch.orig_sizes):
             canvas = pad_canvas(image, MIN_SIDE // self.scale)
-            boxes, scores, labels = self.run(canvas, torch.tensor([h, w], device=image.device))
-            results.append({"boxes": rescale(boxes, (h, w), orig), "scores": scores, "labels": labels})
+            boxes, scores, labels, *masks = self.run(canvas, torch.tensor([h, w], device=image.device))
+            results.append({"boxes": rescale(boxes, (h, w), orig), "scores": scores, "labels": labels}
+                           | ({"masks": masks[0]} if masks else {}))
         return results
 
 
@@ -261,8 +265,8 @@ def main(argv=None) -> dict:
     program = export(detector, tuple(args.size), args.input)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     if fmt == "onnx":
-        onnx_export.save_onnx(onnx_export.to_onnx(program), args.output, metadata(ckpt, detector.branch, args.input),
-                              checkpoint_categories(ckpt))
+        onnx_export.save_onnx(onnx_export.to_onnx(program, masks=detector.masks), args.output,
+                              metadata(ckpt, detector.branch, args.input), checkpoint_categories(ckpt))
     else:
         save(program, args.output, ckpt, detector.branch, args.input)
     ids, _ = checkpoint_categories(ckpt)

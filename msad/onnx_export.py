@@ -6,7 +6,7 @@
 The ONNX file is the `.pt2` program of msad/export.py converted by `torch.onnx.export(..., dynamo=True)`: the
 same inputs (`image`, uint8 [3, H, W], H and W dynamic; `size`, int64 [2]), contents (normalisation, the model
 at its own resolution, decoding, class-wise NMS as ONNX NonMaxSuppression) and outputs (`boxes`, `scores`,
-`labels`). Two operators need a translation: torchvision's NMS becomes NonMaxSuppression (onnxscript's own
+`labels`, and `masks` for a model with a mask branch). Two operators need a translation: torchvision's NMS becomes NonMaxSuppression (onnxscript's own
 translation; class_nms runs one per class, so it is exact class-wise NMS as in the released code), and the
 stable descending sort of class_nms becomes TopK, which breaks ties by the lower index as a stable sort does
 (ONNX TopK's definition), so the detections come in the same order. The metadata (metadata_props) holds
@@ -60,12 +60,14 @@ def _quiet(*names):
             lg.setLevel(level)
 
 
-def to_onnx(program: torch.export.ExportedProgram, optimize: bool = True):
-    """The ONNX program (torch.onnx.ONNXProgram) of an msad.export program; converts `program` once."""
+def to_onnx(program: torch.export.ExportedProgram, optimize: bool = True, masks: bool = False):
+    """The ONNX program (torch.onnx.ONNXProgram) of an msad.export program (of a mask model: `masks`); converts
+    `program` once."""
     require("ONNX export")
+    names = OUTPUTS + (("masks",) if masks else ())
     with _quiet("onnx_ir", "onnxscript", "torch.onnx"), torch.no_grad():
         return torch.onnx.export(program, dynamo=True, custom_translation_table={
-            torch.ops.aten.sort.stable: _sort_stable}, input_names=list(INPUTS), output_names=list(OUTPUTS),
+            torch.ops.aten.sort.stable: _sort_stable}, input_names=list(INPUTS), output_names=list(names),
             optimize=optimize, verbose=False)
 
 
@@ -106,5 +108,6 @@ class OnnxDetector(ProgramDetector):
         self.session = ort_session
 
     def run(self, image, size):
-        outputs = self.session.run(list(OUTPUTS), {"image": image.cpu().numpy(), "size": size.cpu().numpy()})
+        names = OUTPUTS + (("masks",) if self.masks else ())
+        outputs = self.session.run(list(names), {"image": image.cpu().numpy(), "size": size.cpu().numpy()})
         return tuple(torch.from_numpy(x).to(image.device) for x in outputs)

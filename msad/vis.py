@@ -1,4 +1,5 @@
-"""Pictures of detections (evaluate.py --vis): boxes with class name and score, and the ground truth if any.
+"""Pictures of detections (evaluate.py --vis): boxes with class name and score, the masks of a mask model as
+translucent fills inside their boxes, and the ground truth if any.
 
 Small images are upscaled so that the short side is at least `MIN_SHORT_SIDE` pixels (the demo's are about
 300 px), only detections scoring at least `min_score` are drawn, and a legend band on top says which
@@ -6,7 +7,9 @@ colour is which. Drawing is plain Pillow, on a copy of the image.
 """
 import os
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_util
 
 from .checkpoint import write_atomic
 from .data import decode_rgb
@@ -14,6 +17,7 @@ from .data import decode_rgb
 MIN_SHORT_SIDE = 512
 DETECTION_COLOUR = (255, 140, 0)  # orange
 GROUND_TRUTH_COLOUR = (0, 200, 255)  # cyan: apart from orange also for red-green colour blindness
+MASK_ALPHA = 0.45  # a detected mask: the detection colour over the image at this opacity
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -31,15 +35,29 @@ def _label(draw, font, xy, text: str, colour, above: bool, limit) -> None:
     draw.text((x + 2 - x0, y + 2 - y0), text, fill=(0, 0, 0), font=font)
 
 
-def draw(image: Image.Image, boxes, names, scores, gt_boxes=None, gt_names=None, min_score: float = 0.3):
+def _tint(image: Image.Image, rles: list, size) -> Image.Image:
+    """The image (already at picture `size`) with the union of the masks (COCO RLEs at the image's own size)
+    filled in the detection colour at MASK_ALPHA."""
+    union = np.zeros(rles[0]["size"], dtype=np.uint8)
+    for rle in rles:
+        union |= mask_util.decode(dict(rle, counts=rle["counts"].encode() if isinstance(rle["counts"], str)
+                                       else rle["counts"]))
+    alpha = Image.fromarray(union * round(255 * MASK_ALPHA)).resize(size, Image.Resampling.NEAREST)
+    return Image.composite(Image.new("RGB", size, DETECTION_COLOUR), image, alpha)
+
+
+def draw(image: Image.Image, boxes, names, scores, gt_boxes=None, gt_names=None, min_score: float = 0.3, masks=None):
     """A new RGB picture: `image` upscaled to a short side >= MIN_SHORT_SIDE, a legend band on top, the
-    ground truth (if given) and the detections scoring >= min_score. Boxes are xyxy in the image's pixels."""
+    ground truth (if given) and the detections scoring >= min_score, with their `masks` (COCO RLEs, one per
+    box) when given. Boxes are xyxy in the image's pixels."""
     scale = max(1.0, MIN_SHORT_SIDE / min(image.size))
     size = (round(image.size[0] * scale), round(image.size[1] * scale))
     font_size = max(12, round(min(size) / 36))
     font, line, legend_h = _font(font_size), max(2, round(min(size) / 256)), font_size + 10
     picture = Image.new("RGB", (size[0], size[1] + legend_h), (255, 255, 255))
-    picture.paste(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), (0, legend_h))
+    shown_masks = [m for m, s in zip(masks or [], scores) if s >= min_score]
+    scaled = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    picture.paste(_tint(scaled, shown_masks, size) if shown_masks else scaled, (0, legend_h))
     pen = ImageDraw.Draw(picture)
 
     def frame(box):  # image pixels -> picture pixels
@@ -78,7 +96,8 @@ def coco_items(dataset, results: list, count: int) -> list:
         items.append((dataset.image_path(index), f"{dataset.image_ids[index]}.png", {
             "boxes": [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)],
             "names": [names[d["category_id"]] for d in dets], "scores": [d["score"] for d in dets],
-            "gt_boxes": gt_boxes.tolist(), "gt_names": [dataset.class_names[k] for k in gt_labels]}))
+            "gt_boxes": gt_boxes.tolist(), "gt_names": [dataset.class_names[k] for k in gt_labels]}
+            | ({"masks": [d["segmentation"] for d in dets]} if dets and "segmentation" in dets[0] else {})))
     return items
 
 
@@ -86,7 +105,8 @@ def folder_items(dataset, entries: list, count: int) -> list:
     """save_pictures items of the first `count` entries of evaluate.py --images (no ground truth).
     A picture is named after its file, with .png added unless it is one already (so names stay unique)."""
     return [(dataset.image_path(e["image_id"]), e["file_name"] + ("" if e["file_name"].lower().endswith(".png")
-             else ".png"), {"boxes": e["boxes"], "names": e["category_names"], "scores": e["scores"]})
+             else ".png"), {"boxes": e["boxes"], "names": e["category_names"], "scores": e["scores"],
+                            **({"masks": e["masks"]} if "masks" in e else {})})
             for e in entries[:count]]
 
 

@@ -70,7 +70,7 @@ def test_results_use_xywh_and_original_category_ids(tmp_path):
     labels = torch.arange(dataset.num_classes)
     detections = [{"boxes": torch.tensor([[10.0, 5.0, 30.0, 15.0]] * len(labels)), "scores": torch.full((len(labels),), 0.5),
                    "labels": labels}]
-    results = to_coco_results(detections, [5], dataset.cat_ids)
+    results = to_coco_results(detections, [5], [(100, 100)], dataset.cat_ids)
     assert [r["bbox"] for r in results] == [[10.0, 5.0, 20.0, 10.0]] * len(labels)
     assert [r["category_id"] for r in results] == dataset.cat_ids  # contiguous label k -> k-th sorted category id
     assert {dataset.cat_id_to_label[r["category_id"]] for r in results} == set(labels.tolist())
