@@ -198,7 +198,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fit the PCA basis on a training json's masks")
-    f.add_argument("--ann", required=True)
+    f.add_argument("--ann", "--train-ann", dest="ann", required=True, help="the training json")
     f.add_argument("--out", required=True)
     f.add_argument("--dim", type=int, default=DIM_MASK)
     f.add_argument("--seed", type=int, default=0, help="of the soft-target noise")

@@ -31,7 +31,8 @@ def code_targets(code, masks_list: list, gt: torch.Tensor) -> torch.Tensor:
     masks = torch.zeros(B, n_max, size, size, device=gt.device)
     for b, m in enumerate(masks_list):  # one copy per image, not per object
         masks[b, : len(m)] = m
-    codes = code.encode(masks.flatten(0, 1)).view(B, n_max, -1)  # B x N x D
+    with torch.autocast(gt.device.type, enabled=False):  # targets in float32 under --amp too
+        codes = code.encode(masks.flatten(0, 1)).view(B, n_max, -1)  # B x N x D
     return codes.gather(1, gt.clamp(max=n_max - 1)[..., None].expand(-1, -1, codes.shape[-1]))  # B x L x D
 
 
