@@ -9,7 +9,8 @@ resolution on the demo val:
   teacher_lr      the MSAD teacher's LR branch;  teacher_fused: its fused output (HR + LR input)
   student         teacher init + feature distillation (the released recipe);  student_nokd: --kd-weight 0
 
-Beside them, the ceiling the code puts on masks at this size: the mean IoU of decode(encode(mask)) with the mask,
+Beside each row, its box AP in the detection-only table of the same budgets and seeds (--detection-table), and
+beside them all the ceiling the code puts on masks at this size: the mean IoU of decode(encode(mask)) with the mask,
 on the val masks, of a basis fitted on the train masks (python -m msad.masks fit / iou).
 Writes benchmarks/results/masks.json ({"rows": {name: {"seeds": {"0": {"AP", "mask_AP"}, ...}, "mean", "std"}},
 "gains", "reconstruction_iou", ...}) and masks.md.
@@ -56,6 +57,23 @@ def summarise(runs: dict, teacher_iters: int) -> dict:
     return {"rows": rows, "gains": gains, "teacher_iters": teacher_iters}
 
 
+def box_ap_without_masks(result: dict, path: str) -> None:
+    """Beside each row, the box AP of the same row in reproduce.py's detection-only table at the same teacher
+    budget, seeds and budgets (`path`), and the paired difference: what the mask branch costs or buys the boxes."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        detection = json.load(f)["tables"].get(str(result["teacher_iters"]), {}).get("rows", {})
+    for name, row in result["rows"].items():
+        theirs = detection.get(ROWS[name], {}).get("seeds", {})
+        d = [row["seeds"][s]["AP"] - theirs[s]["AP"] for s in row["seeds"] if s in theirs]
+        if d:
+            row["box_AP_without_masks"] = round(statistics.mean(theirs[s]["AP"] for s in row["seeds"] if s in theirs), 2)
+            row["box_AP_change"] = {"mean": round(statistics.mean(d), 2),
+                                    "std": round(statistics.stdev(d), 2) if len(d) > 1 else 0.0, "seeds": len(d)}
+    result["detection_table"] = os.path.relpath(path, reproduce.ROOT)
+
+
 def reconstruction_iou(data_root: str, out_dir: str) -> dict:
     """The code's ceiling: a basis fitted on the train masks, its mean round-trip IoU on the val masks."""
     ann = lambda split: os.path.join(data_root, "annotations", f"instances_{split}2017.json")
@@ -73,12 +91,16 @@ def markdown(result: dict) -> str:
     rec = result.get("reconstruction_iou") or {}
     lines = [f"MEInst masks on the demo val (teacher {result['teacher_iters']} iterations, every other run 400; every "
              f"model with `--mask-head meinst`); mean ± std over seeds {seeds}.", "",
-             "| row | box AP | mask AP | mask AP50 | mask AP75 | mask AP per seed |", "|---|---|---|---|---|---|"]
+             "| row | box AP | mask AP | mask AP50 | mask AP75 | mask AP per seed | box AP without masks (paired change) |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in r.items():
         mean = lambda k: statistics.mean(s[k] for s in row["seeds"].values())
+        change = row.get("box_AP_change")
         lines.append(f"| `{name}` | {row['mean']['AP']:.2f} ± {row['std']['AP']:.2f} | {row['mean']['mask_AP']:.2f} ± "
                      f"{row['std']['mask_AP']:.2f} | {mean('mask_AP50'):.1f} | {mean('mask_AP75'):.1f} | "
-                     + " / ".join(f"{s['mask_AP']:.2f}" for s in row["seeds"].values()) + " |")
+                     + " / ".join(f"{s['mask_AP']:.2f}" for s in row["seeds"].values())
+                     + (f" | {row['box_AP_without_masks']:.2f} ({change['mean']:+.2f} ± {change['std']:.2f}) |"
+                        if change else " | |"))
     lines += ["", "Paired differences (same seed):", ""]
     lines += [f"* `{k}`: box {g['AP']['mean']:+.2f} ± {g['AP']['std']:.2f}, mask {g['mask_AP']['mean']:+.2f} ± "
               f"{g['mask_AP']['std']:.2f} AP over {g['mask_AP']['seeds']} seeds" for k, g in result["gains"].items()]
@@ -99,6 +121,8 @@ def main(argv=None):
     p.add_argument("--data-root", default=os.path.join(reproduce.ROOT, "data", "synthetic"))
     p.add_argument("--out", default=os.path.join(reproduce.ROOT, "benchmarks", "results", "masks"))
     p.add_argument("--runs", default=os.path.join(reproduce.ROOT, "runs", "masks"))
+    p.add_argument("--detection-table", default=os.path.join(reproduce.ROOT, "benchmarks", "results", "reproduce_t800.json"),
+                   help="reproduce.py's detection-only results at the same budgets: the box AP without masks")
     args = p.parse_args(argv)
     table = os.path.join(args.runs, "table")
     flags = ["--teacher-iters", args.teacher_iters, "--seeds", args.seeds, "--rows", ",".join(ROWS.values()),
@@ -109,6 +133,7 @@ def main(argv=None):
     finally:  # what finished is summarised even when a run failed
         with open(table + ".json") as f:
             result = summarise(json.load(f)["runs"], args.teacher_iters)
+        box_ap_without_masks(result, args.detection_table)
         result["reconstruction_iou"] = reconstruction_iou(args.data_root, args.runs)
         with open(args.out + ".json", "w") as f:
             json.dump(result, f, indent=1)
