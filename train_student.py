@@ -60,8 +60,9 @@ def load_teacher(flags) -> dict | None:
     return load_checkpoint(flags.teacher, expected_kind="teacher", made_by="python train_teacher.py")
 
 
-def check_init(args, teacher_args: dict) -> None:
+def check_init(args, teacher_ckpt: dict | None) -> None:
     """--init teacher copies the teacher's weights, so the student must have the teacher's shapes: one-line error."""
+    teacher_args = teacher_ckpt["args"] if teacher_ckpt is not None else {}
     differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (teacher {teacher_args[k]})" for k in SHAPE_KEYS
               if k in teacher_args and getattr(args, k) != teacher_args[k]]
     if args.init == "teacher" and differ:
@@ -74,8 +75,7 @@ def main(argv=None):
     flags = parse_args(argv)
     teacher_ckpt = load_teacher(flags)
     args = resolve(flags, "student", teacher_ckpt["args"] if teacher_ckpt else runner.resumed_args(flags))
-    if teacher_ckpt is not None:
-        check_init(args, teacher_ckpt["args"])
+    check_init(args, teacher_ckpt)
 
     # the output folder (refusal to replace a run, lock), the processes, the data root: before any work
     runner.claim_output_dir(args)
@@ -87,10 +87,8 @@ def main(argv=None):
     args = with_categories(args, train_set)
     runner.checked_val_set(args, (train_set.cat_ids, train_set.class_names))
 
-    # model: the LR student (FCOS on P2-P6 of the half-size image), initialised from the teacher or ImageNet; a mask
-    # branch's code basis is the teacher's
-    resumed = runner.resumed_args(flags) is not None
-    args, code = runner.mask_basis(args, info, teacher_ckpt["model"] if teacher_ckpt else None, resumed)
+    # model: the LR student (FCOS on P2-P6 of the half-size image) from the teacher or ImageNet (and its mask basis)
+    args, code = runner.mask_basis(args, info, teacher_ckpt["model"] if teacher_ckpt else None)
     student = build_model("student", model_config(args))
     if teacher_ckpt is not None and teacher_ckpt["args"]["num_classes"] != train_set.num_classes:
         raise SystemExit(f"error: {args.teacher} was trained on {teacher_ckpt['args']['num_classes']} classes, "
@@ -99,8 +97,7 @@ def main(argv=None):
         load_partial(student, teacher_ckpt["model"], args.teacher)
     elif args.init == "imagenet":
         init_backbone(student, args.backbone_weights)
-    if code is not None:
-        student.mask_code.load_state_dict(code.state_dict())
+    runner.set_mask_code(student, code)  # the teacher's basis (a mask branch only)
     student = runner.prepare_model(student, args, info)
 
     # what trains: the student and, for a thinner student, the 1x1 adapters (saved in checkpoint.pth under

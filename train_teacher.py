@@ -69,8 +69,7 @@ def main(argv=None):
     flags = parse_args(argv)
     kind = "teacher" if flags.mode == "aligned" else "fcos"
     init = load_init(flags)
-    resumed = runner.resumed_args(flags)
-    source = resumed or (init["args"] if init else None)
+    source = runner.resumed_args(flags) or (init["args"] if init else None)
     args = resolve(flags, "teacher" if kind == "teacher" else "fcos", source)
 
     # the output folder (refusal to replace a run, lock), the processes, the data root: before any work
@@ -84,14 +83,13 @@ def main(argv=None):
     runner.checked_val_set(args, (train_set.cat_ids, train_set.class_names))
 
     # model: the teacher (HR P3-P7 + LR P2-P6 + C-FF) or vanilla FCOS, with --mask-head its mask code's basis; DDP
-    args, code = runner.mask_basis(args, info, init["model"] if init else None, resumed=resumed is not None)
+    args, code = runner.mask_basis(args, info, init["model"] if init else None)
     model = build_model(kind, model_config(args))
     if init is not None:
         init_from_detector(model, args, init, train_set)
     else:
         init_backbone(model, args.backbone_weights)
-    if code is not None:
-        model.mask_code.load_state_dict(code.state_dict())
+    runner.set_mask_code(model, code)
     model = runner.prepare_model(model, args, info)
     model_ddp = runner.ddp(model, info)
 

@@ -141,14 +141,14 @@ def val_dataset(args) -> CocoDetection:
     return dataset
 
 
-def mask_basis(args, info: dist.DistInfo, state: dict | None = None, resumed: bool = False):
-    """(the configuration with the code's length `mask_dim`, the masks.MaskCode to copy into the model) of a model
+def mask_basis(args, info: dist.DistInfo, state: dict | None = None):
+    """(the configuration with the code's length `mask_dim`, the masks.MaskCode for `set_mask_code`) of a model
     with a mask branch; (args, None) without one, and for a --resume of a started run (its checkpoint holds it).
 
     The basis is, in order: the one in `state` (the teacher's weights for a student, an --init-from detector's),
     --mask-codes, or fitted at start on the training json's masks (rank 0 fits, every rank gets its result), so
     every later stage and evaluate.py use the same basis."""
-    if not has_masks(args) or resumed:
+    if not has_masks(args) or resumed_args(args) is not None:
         return args, None
     if state is not None and "mask_code.components" in state:
         code, origin = masks.MaskCode(*(state[f"mask_code.{k}"] for k in ("components", "variances", "mean"))), "the source weights"
@@ -165,6 +165,12 @@ def mask_basis(args, info: dist.DistInfo, state: dict | None = None, resumed: bo
     if info.is_main:
         print(f"mask code: {code.components.shape[0]} components of {code.size}x{code.size} masks, {origin}", flush=True)
     return argparse.Namespace(**{**vars(args), "mask_dim": code.components.shape[0]}), code
+
+
+def set_mask_code(model: torch.nn.Module, code) -> None:
+    """Copy the basis of `mask_basis` into the model's mask branch (nothing when there is none to copy)."""
+    if code is not None:
+        model.mask_code.load_state_dict(code.state_dict())
 
 
 def prepare_model(model: torch.nn.Module, args, info: dist.DistInfo) -> torch.nn.Module:
