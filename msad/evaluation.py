@@ -81,8 +81,8 @@ def to_coco_results(detections, image_ids, sizes, cat_ids, scored_ids=None):
     for det, image_id, size in zip(detections, image_ids, sizes):
         cats = lookup[det["labels"].cpu().numpy()]
         if scored_ids is not None:
-            det = {k: v[torch.from_numpy(np.isin(cats, list(scored_ids))).to(v.device)] for k, v in det.items()}
-            cats = cats[np.isin(cats, list(scored_ids))]
+            scored = np.isin(cats, list(scored_ids))
+            det, cats = {k: v[torch.from_numpy(scored).to(v.device)] for k, v in det.items()}, cats[scored]
         boxes = det["boxes"].float().cpu()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
         rles = image_masks(det, size)
@@ -104,15 +104,16 @@ def to_image_entries(detections, image_ids, sizes, file_names, cat_ids, class_na
                         "boxes": [[round(v, 2) for v in b] for b in det["boxes"].float().cpu().tolist()],
                         "scores": [round(v, 5) for v in det["scores"].float().cpu().tolist()],
                         "category_ids": [cat_ids[k] for k in labels],
-                        "category_names": [class_names[k] for k in labels]} | ({"masks": rles} if rles is not None else {}))
+                        "category_names": [class_names[k] for k in labels]}
+                       | ({"masks": rles} if rles is not None else {}))
     return entries
 
 
 @torch.no_grad()
 def inference(model, loader, device, convert, amp: str = "none", min_score: float = 0.0):
-    """This process's results, convert(detections, image_ids, original sizes) per batch, the image ids it evaluated, and its
-    first batch (None if none was readable), on which the caller counts the model's cost (cost.model_cost):
-    kept, not read again, so no image is decoded, or warned about, twice.
+    """This process's results, convert(detections, image_ids, original sizes) per batch, the image ids it
+    evaluated, and its first batch (None if none was readable), on which the caller counts the model's cost
+    (cost.model_cost): kept, not read again, so no image is decoded, or warned about, twice.
 
     Detections scoring below `min_score` are dropped first. A None batch (only unreadable images) is skipped.
     """
@@ -256,7 +257,8 @@ def _check_segmentation(seg, i: int, size, where: str) -> None:
             raise ValueError(f"{where}: detections[{i}] field 'segmentation' must be an RLE with 'size' [h, w] and "
                              f"'counts', or a list of polygons")
         if [int(v) for v in seg["size"]] != list(size):
-            raise ValueError(f"{where}: detections[{i}] segmentation size {seg['size']} is not its image's {list(size)}")
+            raise ValueError(f"{where}: detections[{i}] segmentation size {seg['size']} is not its image's "
+                             f"{list(size)}")
     elif not (isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
                                                    and all(type(v) in (int, float) for v in p) for p in seg)):
         raise ValueError(f"{where}: detections[{i}] field 'segmentation' must be an RLE with 'size' [h, w] and "

@@ -112,6 +112,11 @@ class MaskCode(nn.Module):
         self.register_buffer("mean", mean.float())
 
     @classmethod
+    def from_state(cls, state: dict, prefix: str = "") -> "MaskCode":
+        """The basis held in a state dict: its own (`state_dict()`), or a model's under prefix "mask_code."."""
+        return cls(*(state[prefix + k] for k in ("components", "variances", "mean")))
+
+    @classmethod
     def empty(cls, dim: int = DIM_MASK, size: int = MASK_SIZE) -> "MaskCode":
         """A basis of the right shapes, all zeros: the place in a model that a fitted or loaded one is copied into."""
         return cls(torch.zeros(dim, size * size), torch.zeros(dim), torch.zeros(size * size))
@@ -189,8 +194,7 @@ def load(path: str) -> MaskCode:
         raise ValueError(f"{path}: {load_refusal(path, e)}") from None
     if not isinstance(state, dict) or "mask_code" not in state:
         raise ValueError(f"{path}: not a mask code file of python -m msad.masks fit")
-    s = state["mask_code"]
-    return MaskCode(s["components"], s["variances"], s["mean"])
+    return MaskCode.from_state(state["mask_code"])
 
 
 def main(argv=None) -> None:

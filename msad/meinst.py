@@ -22,7 +22,8 @@ PASTE_CHUNK = 16  # instances pasted at once: a chunk's sampling grid is 16 x H 
 
 def code_targets(code, masks_list: list, gt: torch.Tensor) -> torch.Tensor:
     """B x L x D: the code of each location's object. masks_list: per image N_i x M x M uint8 (the boxes' order);
-    gt: B x L, the index of each location's box (any value off the positives: their target is never used).
+    gt: B x L, the index of each location's box (0 off the positives, as Targets.gt: those targets are never
+    used).
 
     Each object is encoded once (with the released soft-target noise, fresh at every call) and its code gathered by
     every location that regresses it: B x N x D work, not B x L x M^2."""
@@ -33,7 +34,7 @@ def code_targets(code, masks_list: list, gt: torch.Tensor) -> torch.Tensor:
         masks[b, : len(m)] = m
     with torch.autocast(gt.device.type, enabled=False):  # targets in float32 under --amp too
         codes = code.encode(masks.flatten(0, 1)).view(B, n_max, -1)  # B x N x D
-    return codes.gather(1, gt.clamp(max=n_max - 1)[..., None].expand(-1, -1, codes.shape[-1]))  # B x L x D
+    return codes.gather(1, gt[..., None].expand(-1, -1, codes.shape[-1]))  # B x L x D
 
 
 def mask_loss(pred: torch.Tensor, target: torch.Tensor, ctr_t: torch.Tensor, ctr_sum: torch.Tensor) -> torch.Tensor:

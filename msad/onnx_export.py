@@ -6,8 +6,8 @@
 The ONNX file is the `.pt2` program of msad/export.py converted by `torch.onnx.export(..., dynamo=True)`: the
 same inputs (`image`, uint8 [3, H, W], H and W dynamic; `size`, int64 [2]), contents (normalisation, the model
 at its own resolution, decoding, class-wise NMS as ONNX NonMaxSuppression) and outputs (`boxes`, `scores`,
-`labels`, and `masks` for a model with a mask branch). Two operators need a translation: torchvision's NMS becomes NonMaxSuppression (onnxscript's own
-translation; class_nms runs one per class, so it is exact class-wise NMS as in the released code), and the
+`labels`, and `masks` for a model with a mask branch). Two operators need a translation: torchvision's NMS
+becomes NonMaxSuppression (onnxscript's own translation; class_nms runs one per class, so it is exact class-wise NMS as in the released code), and the
 stable descending sort of class_nms becomes TopK, which breaks ties by the lower index as a stable sort does
 (ONNX TopK's definition), so the detections come in the same order. The metadata (metadata_props) holds
 `category_ids` and `category_names` (JSON lists, indexed by the `labels` output) and msad's own `msad.json`.

@@ -151,19 +151,19 @@ def mask_basis(args, info: dist.DistInfo, state: dict | None = None):
     if not has_masks(args) or resumed_args(args) is not None:
         return args, None
     if state is not None and "mask_code.components" in state:
-        code, origin = masks.MaskCode(*(state[f"mask_code.{k}"] for k in ("components", "variances", "mean"))), "the source weights"
+        code, origin = masks.MaskCode.from_state(state, "mask_code."), "the source weights"
     elif args.mask_codes:
         code, origin = masks.load(args.mask_codes), args.mask_codes
     else:
         ann = data_paths(args, "train")[0]
         fitted = None
-        if info.is_main:
-            code = masks.fit(masks.annotation_masks(ann), generator=torch.Generator().manual_seed(args.seed))
-            fitted = code.state_dict()
-        fitted = dist.all_gather_objects(fitted)[0]
-        code, origin = masks.MaskCode(fitted["components"], fitted["variances"], fitted["mean"]), f"fitted on {ann}"
+        if info.is_main:  # rank 0 fits, every rank gets its result
+            generator = torch.Generator().manual_seed(args.seed)  # the soft-target noise of the fit
+            fitted = masks.fit(masks.annotation_masks(ann), generator=generator).state_dict()
+        code, origin = masks.MaskCode.from_state(dist.all_gather_objects(fitted)[0]), f"fitted on {ann}"
     if info.is_main:
-        print(f"mask code: {code.components.shape[0]} components of {code.size}x{code.size} masks, {origin}", flush=True)
+        print(f"mask code: {code.components.shape[0]} components of {code.size}x{code.size} masks, {origin}",
+              flush=True)
     return argparse.Namespace(**{**vars(args), "mask_dim": code.components.shape[0]}), code
 
 
